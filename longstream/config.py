@@ -14,8 +14,10 @@ from typing import Any
 
 import yaml
 
+from .errors import LongstreamError
 
-class ConfigError(ValueError):
+
+class ConfigError(LongstreamError):
     """A configuration that cannot work (bad value, impossible combination)."""
 
 

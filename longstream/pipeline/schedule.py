@@ -81,5 +81,5 @@ class SchedulerSampler:
         x = noise
         for t in scheduler.timesteps:
             v = velocity(x, float(t))
-            x = scheduler.step(v.float(), t, x.float(), return_dict=False)[0].to(noise.dtype)
+            x = scheduler.step(v, t, x, return_dict=False)[0]
         return x

@@ -1,0 +1,87 @@
+"""`longstream` command line: generate | info."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from .config import PRESETS
+from .errors import LongstreamError
+
+
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate a video, streaming it to an MP4 file",
+        description="Generate a video chunk by chunk and write it to an MP4 as frames are produced. "
+        "Several --prompt values (or a --prompts file) make a multi-shot video whose prompt switches live.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", metavar="TEXT",
+                     help="prompt; repeat for several shots sharing --seconds evenly")
+    src.add_argument("--prompts", metavar="FILE",
+                     help="shot list: YAML or JSONL of {prompt, seconds} entries")
+    p.add_argument("--seconds", type=float, default=4.0, help="video length with --prompt (default 4)")
+    p.add_argument("--output", "-o", default="out.mp4", help="output MP4 (written atomically; default out.mp4)")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset (default tiny)")
+    p.add_argument("--checkpoint", metavar="FILE", help="transformer weights (longstream safetensors)")
+    p.add_argument("--steps", type=int, choices=(4, 2), help="sampling steps (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--height", type=int, help="video height (default: the preset's)")
+    p.add_argument("--width", type=int, help="video width (default: the preset's)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> None:
+    from .pipeline.generate import GenerateRequest, generate_video
+
+    request = GenerateRequest(
+        output=args.output, preset=args.preset, prompts=args.prompt, prompts_file=args.prompts,
+        seconds=args.seconds, steps=args.steps, seed=args.seed, checkpoint=args.checkpoint,
+        height=args.height, width=args.width, device=args.device, progress=not args.quiet,
+    )
+    generate_video(request)
+
+
+def _run_info(args: argparse.Namespace) -> None:
+    for name, preset in PRESETS.items():
+        t, s = preset.transformer, preset.stream
+        print(
+            f"{name:16s} dim {t.dim:5d}  heads {t.num_attention_heads:3d}  layers {t.num_layers:3d}  "
+            f"ffn {t.ffn_dim:6d}  latent ch {t.in_channels:3d}  VAE x{preset.vae.spatial}/x{preset.vae.temporal}  "
+            f"{preset.width}x{preset.height}@{preset.fps}  chunk {s.chunk_frames}  window {s.window_frames}  "
+            f"sink {s.sink_frames}  steps {s.steps}"
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="longstream",
+        description="Long, streaming, interactive video generation with autoregressive video diffusion.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _generate_parser(sub)
+    info = sub.add_parser("info", help="list the model presets", description="List the model presets.")
+    info.set_defaults(run=_run_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except LongstreamError as exc:
+        print(f"longstream: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("longstream: interrupted; no output written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
