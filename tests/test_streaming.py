@@ -61,7 +61,7 @@ class Oracle:
         return set(keep) | set(recent)
 
 
-def reference_rollout(model, stream, shots, texts, seed):
+def reference_rollout(model, stream, shots, texts, seed, self_attention=None):
     """Latents of every chunk, from masked whole-sequence forwards only."""
     c = stream.chunk_frames
     starts = [sum(n for n, _ in shots[:i]) * c for i in range(len(shots))]
@@ -95,7 +95,8 @@ def reference_rollout(model, stream, shots, texts, seed):
             def velocity(x, t):
                 seq = torch.cat([hist, x], dim=2)
                 ts = torch.tensor([[0.0] * len(history) + [t] * c])
-                y = model(seq, ts, text, causal=True, frame_positions=positions, frame_mask=mask)
+                y = model(seq, ts, text, causal=True, frame_positions=positions, frame_mask=mask,
+                          self_attention=self_attention)
                 return y[:, :, len(history) :]
 
             clean = sampler.sample(velocity, noise, gen)
@@ -194,3 +195,51 @@ def test_guided_stream_runs_two_caches():
     assert rel(guided, plain) > 1e-2
     with pytest.raises(ValueError, match="negative"):
         next(gen.generate([ShotPlan(text, 1)]))
+
+
+def frame_fake_quantizer(kind, tokens_per_frame):
+    """Self-attention whose K and V go through the cache's number format: one scale per (batch, head, frame)."""
+    from longstream.model.attention import attention
+    from longstream.quant import nvfp4
+
+    def fake(x):
+        b, h, s, d = x.shape
+        frames = x.reshape(b, h, s // tokens_per_frame, tokens_per_frame, d)
+        out = torch.empty_like(frames)
+        for i in range(b):
+            for j in range(h):
+                for f in range(frames.shape[2]):
+                    block = frames[i, j, f].float()
+                    amax = block.abs().max()
+                    if kind == "fp8":
+                        scale = amax / 448
+                        out[i, j, f] = (block / scale).to(torch.float8_e4m3fn).float() * scale
+                    else:
+                        out[i, j, f] = nvfp4.fake_quantize(block, global_scale=amax / 2688)
+        return out.reshape(b, h, s, d)
+
+    def self_attention(layer, q, k, v, mask):
+        return attention(q, fake(k), fake(v), mask)
+
+    return self_attention
+
+
+@pytest.mark.parametrize("kind", ["fp8", "nvfp4"])
+def test_quantized_cache_stream_equals_masked_forward_with_quantized_kv(kind):
+    stream = StreamConfig(chunk_frames=2, window_frames=6, sink_frames=2, steps=2, shot_rope_offset=2.0)
+    torch.manual_seed(2)
+    cfg = TransformerConfig(num_attention_heads=2, attention_head_dim=16, num_layers=2, ffn_dim=48,
+                            in_channels=4, out_channels=4, text_dim=16, freq_dim=32)
+    model = CausalWanTransformer(cfg).eval().double()  # float64: no rounding-boundary flips between the paths
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.25)
+    texts = [torch.randn(1, 5, 16), torch.randn(1, 4, 16)]
+    shots = [(3, "a"), (2, "b")]
+    tokens = (LATENT_HW[0] // 2) * (LATENT_HW[1] // 2)
+    with torch.no_grad():
+        ref = reference_rollout(model, stream, shots, texts, 11, frame_fake_quantizer(kind, tokens))
+        got = stream_rollout(model, stream, shots, texts, 11, storage=kind)
+        dense = stream_rollout(model, stream, shots, texts, 11)
+    assert rel(got, ref) < 1e-5
+    assert rel(got, dense) > 1e-4  # the format is really in the loop

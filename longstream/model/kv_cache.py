@@ -12,9 +12,9 @@ Sink frames. A frame is "sink-eligible" when it is among the first `sink_frames`
 multi-shot sink, of its shot). Eligible frames go to the sink slots; once those are full the oldest sink frame
 is replaced (first in, first out). Every other frame goes to the ring.
 
-Storage. `KVStorage` is the hook for quantized storage (FP8, NVFP4): `write` stores K/V at token indices (and
-may quantize them in place), `read` returns the first `n` tokens in the compute dtype. Register new kinds with
-`register_storage`.
+Storage. `KVStorage` is the hook for quantized storage: `write` stores K/V at token indices (whole frames; it
+may quantize them in place), `read` returns the first `n` tokens in the compute dtype. Kinds: `dense` (the
+compute dtype), `fp8` and `nvfp4` (`longstream.quant.kv_storage`); register more with `register_storage`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
+from ..quant.kv_storage import FP8KVStorage, NVFP4KVStorage
 from .attention import attention
 
 
@@ -41,7 +42,8 @@ class KVStorage(Protocol):
 class DenseKVStorage:
     """Plain K/V tensors in the compute dtype."""
 
-    def __init__(self, batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype, device) -> None:
+    def __init__(self, batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype, device,
+                 tokens_per_frame: int = 1) -> None:
         self.k = torch.zeros(batch, heads, tokens, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
 
@@ -57,7 +59,7 @@ class DenseKVStorage:
 
 
 StorageFactory = Callable[..., KVStorage]
-_STORAGE: dict[str, StorageFactory] = {"dense": DenseKVStorage}
+_STORAGE: dict[str, StorageFactory] = {"dense": DenseKVStorage, "fp8": FP8KVStorage, "nvfp4": NVFP4KVStorage}
 
 
 def register_storage(name: str, factory: StorageFactory) -> None:
@@ -104,7 +106,8 @@ class KVCache:
         self.device = torch.device(device)
         tokens = window_frames * tokens_per_frame
         self.layers: list[KVStorage] = [
-            _STORAGE[storage](batch, heads, tokens, head_dim, dtype, device) for _ in range(num_layers)
+            _STORAGE[storage](batch, heads, tokens, head_dim, dtype, device, tokens_per_frame=tokens_per_frame)
+            for _ in range(num_layers)
         ]
         channels, height, width = latent_shape
         # Clean latents of the cached frames: what a re-cache recomputes K/V from.
@@ -187,9 +190,15 @@ class KVCache:
         keys, values = store.read(length)
         return attention(q, keys, values, None if key_mask is None else key_mask[None, :])
 
-    def write_frames(self, layer: int, slots: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
-        """Overwrite the K/V of already cached frames (re-cache)."""
-        self.layers[layer].write(self._token_index(slots), k, v)
+    def write_frames(
+        self, layer: int, slots: Sequence[int], k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Overwrite the K/V of cached frames (re-cache); returns them as stored (after any quantization)."""
+        index = self._token_index(slots)
+        store = self.layers[layer]
+        store.write(index, k, v)
+        keys, values = store.read(self.num_slots * self.tokens_per_frame)
+        return keys.index_select(2, index), values.index_select(2, index)
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

@@ -28,6 +28,8 @@ from .kv_cache import KVCache
 from .rope import apply_rope, rope_cos_sin
 
 SelfAttention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (layer, q, k, v, token mask or None) -> output; q, k, v and output are [B, H, S, Dh]
+MaskedAttention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 class FP32LayerNorm(nn.LayerNorm):
@@ -273,10 +275,12 @@ class CausalWanTransformer(nn.Module):
         frame_positions: torch.Tensor | None = None,
         frame_mask: torch.Tensor | None = None,
         chunk_frames: int | None = None,
+        self_attention: MaskedAttention | None = None,
     ) -> torch.Tensor:
         """Whole-sequence forward. `causal=True` applies `frame_mask` [F, F] (True = may attend), by default the
         block-causal mask over chunks of `chunk_frames`. `frame_positions` [F] are RoPE time positions
-        (default 0..F-1). Returns the flow prediction with x's layout."""
+        (default 0..F-1). `self_attention` replaces the self-attention call (e.g. sequence-parallel exchange,
+        quantized K/V). Returns the flow prediction with x's layout."""
         text = text_emb if isinstance(text_emb, TextContext) else self.prepare_text(text_emb)
         tokens, temb, mod, grid = self._embed(x, t)
         f, gh, gw = grid
@@ -292,7 +296,10 @@ class CausalWanTransformer(nn.Module):
         elif frame_mask is not None:
             raise ValueError("frame_mask is only used with causal=True")
         rope = self._rope(frame_positions, grid)
-        tokens = self._blocks(tokens, mod, rope, text, lambda i, q, k, v: attention(q, k, v, mask))
+        if self_attention is None:
+            tokens = self._blocks(tokens, mod, rope, text, lambda i, q, k, v: attention(q, k, v, mask))
+        else:
+            tokens = self._blocks(tokens, mod, rope, text, lambda i, q, k, v: self_attention(i, q, k, v, mask))
         return self._head(tokens, temb, grid)
 
     def forward_stream(
@@ -327,7 +334,7 @@ class CausalWanTransformer(nn.Module):
         mask = expand_frame_mask(block_causal_mask(chunks), grid[1] * grid[2])
 
         def attend_and_store(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            cache.write_frames(layer, slots, k, v)
+            k, v = cache.write_frames(layer, slots, k, v)  # what the cache holds (quantized storage included)
             return attention(q, k, v, mask)
 
         self._blocks(tokens, mod, self._rope(positions, grid), text, attend_and_store)

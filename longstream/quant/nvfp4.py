@@ -15,7 +15,9 @@ A tensor ``x`` of shape ``[..., K]`` (``K % 16 == 0``) is stored as three parts:
   last two dims, and the tile's scale is repeated on each of its 16 rows, so the layout is the
   same as for 1x16 blocks and ``W`` and ``W^T`` share scales.
 * ``global_scale``: float32 0-dim tensor, ``amax(|x|) / (6 * 448)``, so that block scales use
-  the whole E4M3 range.
+  the whole E4M3 range. A caller may instead give one global scale per row, shaped
+  ``[..., 1]`` (the KV cache keeps one per frame and head); each row then encodes exactly as a
+  tensor of its own with that global scale.
 
 Decoding: ``x ~= e2m1(code) * (global_scale * float(scale))``.
 
@@ -148,7 +150,7 @@ class NVFP4Tensor:
 
     data: torch.Tensor  # uint8 [..., K/2], two E2M1 codes per byte, low nibble first
     scale: torch.Tensor  # float8_e4m3fn [..., K/16]
-    global_scale: torch.Tensor  # float32, 0-dim
+    global_scale: torch.Tensor  # float32, 0-dim (or per row, [..., 1])
     block: Tuple[int, int] = (1, BLOCK)
 
     @property
@@ -209,9 +211,14 @@ def quantize(
     if global_scale is None:
         g = global_scale_from_amax(xf.abs().amax() if xf.numel() else xf.new_zeros(()))
     else:
-        g = torch.as_tensor(global_scale, dtype=torch.float32, device=x.device).reshape(())
-        if not bool(torch.isfinite(g)) or bool(g < 0):
-            raise ValueError(f"global_scale must be finite and >= 0, got {g.item()}")
+        g = torch.as_tensor(global_scale, dtype=torch.float32, device=x.device)
+        if g.numel() == 1:
+            g = g.reshape(())
+        elif g.ndim != x.ndim or g.shape[-1] != 1 or any(a not in (1, b) for a, b in zip(g.shape, x.shape)):
+            raise ValueError(f"global_scale must be a scalar or broadcast to {tuple(x.shape[:-1])} + (1,), "
+                             f"got {tuple(g.shape)}")
+        if not bool(torch.isfinite(g).all()) or bool((g < 0).any()):
+            raise ValueError("global_scale must be finite and >= 0")
     nonzero = g > 0
     g_safe = torch.where(nonzero, g, torch.ones_like(g))  # keeps the math NaN-free when g == 0
 
