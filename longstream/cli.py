@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from typing import Sequence
 
@@ -30,6 +32,12 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--height", type=int, help="video height (default: the preset's)")
     p.add_argument("--width", type=int, help="video width (default: the preset's)")
+    p.add_argument("--linear", default="bf16", choices=("bf16", "fp8", "nvfp4"),
+                   help="linear layers: bf16 (unquantized, default), fp8 (W8A8) or nvfp4 (W4A4)")
+    p.add_argument("--kv-cache", default="dense", choices=("dense", "fp8", "nvfp4"),
+                   help="KV-cache storage: dense (compute dtype, default), fp8 or nvfp4")
+    p.add_argument("--async-decode", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode the VAE on a worker overlapping the DiT (default: on with a GPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_generate)
@@ -42,6 +50,7 @@ def _run_generate(args: argparse.Namespace) -> None:
         output=args.output, preset=args.preset, prompts=args.prompt, prompts_file=args.prompts,
         seconds=args.seconds, steps=args.steps, seed=args.seed, checkpoint=args.checkpoint,
         height=args.height, width=args.width, device=args.device, progress=not args.quiet,
+        kv_cache=args.kv_cache, linear=args.linear, async_decode=args.async_decode,
     )
     generate_video(request)
 
@@ -69,7 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_third_party_logs() -> None:
+    """Keep the terminal to our own progress and errors: diffusers imports torchao (when installed), which logs
+    about optional CUDA extensions and deprecated pytree registrations that say nothing about this run."""
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_third_party_logs()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -19,6 +19,8 @@ from ..model.transformer import CausalWanTransformer
 from ..text.encoders import HashTextEncoder
 from .shots import ChunkPlan, Shot, load_shots, plan_chunks, shots_from_prompts
 from .stream import ShotPlan, StreamingGenerator
+from ..vae import StreamingDecoder, build_vae
+from ..vae.async_decode import AsyncDecoder
 from .video_io import StreamingMP4Writer
 
 
@@ -36,6 +38,9 @@ class GenerateRequest:
     width: int | None = None
     device: str = "auto"
     progress: bool = True
+    kv_cache: str = "dense"
+    linear: str = "bf16"
+    async_decode: bool | None = None  # None: on for CUDA
 
 
 def resolve_device(name: str) -> torch.device:
@@ -88,27 +93,38 @@ def generate_video(req: GenerateRequest) -> Path:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     model = _transformer(req, preset, device, dtype).eval()
-    from ..vae.wan import StreamingDecoder, build_vae
+    if req.linear != "bf16":
+        from ..quant import quantize_model
 
+        quantize_model(model, req.linear)
     vae = build_vae(preset.vae.kind).to(device=device, dtype=torch.float32).eval()
-    decoder = StreamingDecoder(vae)
+    decoder = StreamingDecoder(vae, normalized=True, frames_per_call=4)
     encoder = HashTextEncoder(preset.transformer.text_dim)
     plans = [ShotPlan(encoder.encode([s.prompt]), n) for s, n in zip(shots, plan.chunks_per_shot)]
-    generator = StreamingGenerator(model, stream, latent_hw)
+    generator = StreamingGenerator(model, stream, latent_hw, kv_storage=req.kv_cache)
     noise = torch.Generator().manual_seed(req.seed)
 
     from tqdm import tqdm
 
-    remaining = plan.video_frames
     with StreamingMP4Writer(out, preset.fps) as writer, tqdm(
         total=plan.video_frames, unit="frame", disable=not req.progress, desc=out.name
     ) as bar:
-        for chunk in generator.generate(plans, generator=noise):
-            frames = decoder.decode(chunk.latents.float(), normalized=True)[:, :, :remaining]
+        remaining = plan.video_frames
+
+        def write(frames: torch.Tensor) -> None:
+            nonlocal remaining
+            frames = frames[:, :, :remaining]
             writer.write(frames)
             remaining -= frames.shape[2]
-            bar.set_postfix(chunk=f"{chunk.index + 1}/{plan.chunks}", shot=chunk.shot + 1)
             bar.update(frames.shape[2])
-            if remaining <= 0:
-                break
+
+        use_async = req.async_decode if req.async_decode is not None else device.type == "cuda"
+        decode = lambda latents: decoder.decode(latents.float())  # noqa: E731
+        with AsyncDecoder(decode, write, max_pending=2, device=device if use_async else None) as worker:
+            for chunk in generator.generate(plans, generator=noise):
+                if use_async:
+                    worker.submit(chunk.latents)
+                else:
+                    write(decode(chunk.latents))
+                bar.set_postfix(chunk=f"{chunk.index + 1}/{plan.chunks}", shot=chunk.shot + 1)
     return out
