@@ -11,9 +11,13 @@ values) of that head when the frame is written.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from . import nvfp4
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 E4M3_MAX = 448.0
 
@@ -103,8 +107,14 @@ class NVFP4KVStorage(_FrameScaledStorage):
             scales.index_copy_(2, slots, g)
 
     def read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = ((self.k, self.k_block, self.k_scale), (self.v, self.v_block, self.v_scale))
+        if self.k.is_cuda and _HAS_TRITON:  # one-pass Triton decode, bit-identical to the reference below
+            from .kernels.kv_dequant import kv_dequantize
+
+            k, v = (kv_dequantize(c, b, g, length, self.tokens_per_frame, self.dtype) for c, b, g in parts)
+            return k, v
         out = []
-        for store, blocks, scales in ((self.k, self.k_block, self.k_scale), (self.v, self.v_block, self.v_scale)):
+        for store, blocks, scales in parts:
             g = self._scale_per_token(scales, length)[..., None]
             out.append(nvfp4.dequantize(store[:, :, :length], blocks[:, :, :length], g, dtype=self.dtype))
         return out[0], out[1]

@@ -1,0 +1,61 @@
+"""The NVFP4 KV dequantize kernel against its reference twin (`nvfp4.dequantize`), bit for bit.
+
+On CPU the kernel runs in Triton's interpreter in a child process (TRITON_INTERPRET must be set before triton is
+imported), with float32 output: the interpreter truncates float32 -> bf16 casts whatever rounding mode is asked,
+while GPUs round to nearest even, so bf16 output is compared on a GPU (`gpu` mark) at the 5B model's cache size.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CHECK = r'''
+import torch
+from longstream.quant.kv_storage import NVFP4KVStorage
+from longstream.quant.kernels.kv_dequant import kv_dequantize
+from longstream.quant import nvfp4
+
+def check(b, h, frames, t, d, length_frames, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    store = NVFP4KVStorage(b, h, frames * t, d, dtype, device, tokens_per_frame=t)
+    scale = torch.logspace(-3, 3, frames, dtype=torch.float64).float().repeat_interleave(t)
+    k = (torch.randn(b, h, frames * t, d, generator=g) * scale[None, None, :, None]).to(device)
+    k[:, :, :t, :16] = 0  # a zero block
+    v = torch.randn(b, h, frames * t, d, generator=g).to(device)
+    store.write(torch.arange(frames * t, device=device), k, v)
+    length = length_frames * t
+    for codes, blocks, gs in ((store.k, store.k_block, store.k_scale), (store.v, store.v_block, store.v_scale)):
+        got = kv_dequantize(codes, blocks, gs, length, t, dtype)
+        gtok = gs[:, :, :length_frames].repeat_interleave(t, dim=2)[..., None]
+        want = nvfp4.dequantize(codes[:, :, :length], blocks[:, :, :length], gtok, dtype=dtype)
+        assert got.shape == want.shape, (got.shape, want.shape)
+        assert torch.equal(got, want), (got - want).abs().max()
+    return "ok"
+'''
+
+
+def run_interpreted(code):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    return subprocess.run([sys.executable, "-c", CHECK + code], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_kv_dequant_kernel_interpreted_is_bit_exact():
+    result = run_interpreted(
+        "print(check(2, 3, 5, 7, 32, 4, torch.float32, 'cpu', 0));"
+        "print(check(1, 2, 3, 33, 64, 3, torch.float32, 'cpu', 1))"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["ok", "ok"]
+
+
+@pytest.mark.gpu
+def test_kv_dequant_kernel_on_gpu_at_5b_cache_size():
+    namespace = {}
+    exec(CHECK, namespace)
+    assert namespace["check"](1, 24, 32, 880, 128, 32, torch.bfloat16, "cuda", 2) == "ok"
+    assert namespace["check"](2, 3, 6, 100, 128, 5, torch.float32, "cuda", 3) == "ok"
