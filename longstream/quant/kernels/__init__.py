@@ -1,0 +1,50 @@
+"""Triton kernels for the quantized paths, each with a plain-PyTorch reference twin.
+
+* ``nvfp4_quant``: fused NVFP4 quantize (amax reduction + 1x16 block scales + RNE to E2M1 + nibble packing),
+  bit-exact with ``longstream.quant.nvfp4.quantize``.
+* ``nvfp4_gemm``: W4A4 GEMM from packed NVFP4 operands (decode to fp16 in registers, tensor-core dot, fp32
+  accumulation), and a decode-only kernel (NVFP4 -> bf16) for the split "decode + cuBLAS" variant.
+* ``native``: Blackwell ``torch._scaled_mm`` with FP4 operands and swizzled E4M3 block scales (pure PyTorch;
+  written to the documented API, not run here: no Blackwell GPU).
+
+Triton is imported only by the kernel modules, so ``import longstream.quant.kernels`` works without it.
+Set ``TRITON_INTERPRET=1`` *before* the first import of a kernel module to run the kernels on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+
+def triton_available() -> bool:
+    """True when ``import triton`` can succeed (no import is done here)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """True when Triton runs in interpreter mode (``TRITON_INTERPRET=1``: kernels execute on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def patch_interpreter() -> None:
+    """Make Triton 3.6's interpreter run runtime loop bounds (``range(0, K, BK)``) under NumPy >= 2.4.
+
+    The interpreter holds scalars as 1-element arrays and converts them with ``int(array)``, which NumPy 2.4
+    rejects for arrays with ndim > 0. This re-registers ``tensor.__index__`` with an explicit element read.
+    Idempotent; does nothing outside interpreter mode.
+    """
+    if not interpreting():
+        return
+    from triton.runtime import interpreter as interp
+
+    orig = interp._patch_lang_tensor
+    if getattr(orig, "_longstream_patched", False):
+        return
+
+    def patched(tensor, scope):  # type: ignore[no-untyped-def]
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._longstream_patched = True  # type: ignore[attr-defined]
+    interp._patch_lang_tensor = patched

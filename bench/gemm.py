@@ -1,0 +1,178 @@
+"""GEMM throughput at LongLive-2.0-5B's linear shapes: bf16 cuBLAS vs FP8 rowwise vs NVFP4 emulated (Triton).
+
+    python bench/gemm.py [--out bench/results/gemm.json] [--tune] [--shapes 7040x3072x3072,...]
+
+For each (M tokens, N, K): random (not zero) inputs, correctness checks first (errors vs float32 references,
+NVFP4 quantize bit-exact vs the reference codec), then the median time of many runs (``triton.testing.do_bench``,
+L2 flushed between runs) as TFLOP/s = 2*M*N*K / time:
+
+* bf16     ``torch.matmul(x, w.t())`` (cuBLAS)
+* fp8      ``torch._scaled_mm`` rowwise (E4M3, fp32 accumulation), operands pre-quantized; ``fp8+q`` adds the
+           per-token activation quantization (eager PyTorch ops); ``fp8 fast`` is ``use_fast_accum=True``
+* nvfp4    the fused Triton W4A4 GEMM (``backend.nvfp4_matmul(backend="triton")``), operands pre-quantized;
+           ``nvfp4+q`` adds the fused activation quantize (amax + quantize kernels)
+* split    decode both NVFP4 operands to bf16, then cuBLAS (``impl="split"``); ``split+q`` adds the quantize
+
+``--tune`` also times every fused-GEMM config (and the plain-Triton decode) at each shape.
+Prints a table and writes JSON (``--out``; on the device machine use ``$OUT/gemm.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHAPES: List[Tuple[int, int, int]] = [(m, n, k) for m in (7040, 14080)
+                                      for (n, k) in ((3072, 3072), (14336, 3072), (3072, 14336))]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def bench_ms(fn: Callable[[], object]) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median"))
+
+
+def run_shape(m: int, n: int, k: int, tune: bool) -> Dict[str, object]:
+    from longstream.quant import backend as qb
+    from longstream.quant import fp8
+    from longstream.quant import nvfp4 as nv
+    from longstream.quant.kernels import nvfp4_gemm as kg
+    from longstream.quant.kernels.nvfp4_quant import nvfp4_quantize_triton
+
+    torch.manual_seed(m * 7 + n * 3 + k)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+    flops = 2.0 * m * n * k
+    row: Dict[str, object] = {"M": m, "N": n, "K": k}
+    err: Dict[str, float] = {}
+
+    # ---- correctness first
+    ref32 = x.float() @ w.float().t()
+    err["bf16"] = rel(torch.matmul(x, w.t()), ref32)
+    xq, xs = fp8.quantize_rowwise(x)
+    wq, ws = fp8.quantize_rowwise(w)
+    sb = ws.float().reshape(1, -1)
+    fp8_ref = fp8.fp8_matmul_reference(xq, xs, wq, ws, out_dtype=torch.float32)
+    err["fp8"] = rel(torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=sb, out_dtype=torch.bfloat16), fp8_ref)
+    del fp8_ref
+
+    a = nvfp4_quantize_triton(x)
+    b = nvfp4_quantize_triton(w)
+    ra, rb = nv.quantize(x), nv.quantize(w)
+    row["quantize_bit_exact"] = bool(
+        torch.equal(a.data, ra.data) and torch.equal(a.scale.view(torch.uint8), ra.scale.view(torch.uint8))
+        and torch.equal(a.global_scale.view(torch.int32), ra.global_scale.view(torch.int32))
+        and torch.equal(b.data, rb.data) and torch.equal(b.scale.view(torch.uint8), rb.scale.view(torch.uint8)))
+    del ra, rb
+    nv_ref = qb.nvfp4_matmul(a, b, out_dtype=torch.float32, backend="reference")
+    err["nvfp4_fp32out"] = rel(kg.nvfp4_matmul_triton(a, b, out_dtype=torch.float32), nv_ref)
+    err["nvfp4_bf16out"] = rel(kg.nvfp4_matmul_triton(a, b), nv_ref)
+    err["split_bf16out"] = rel(kg.nvfp4_matmul_split(a, b), nv_ref)
+    err["nvfp4_vs_bf16_exact"] = rel(nv_ref, ref32)  # the format's own quantization error, for scale
+    del nv_ref, ref32
+    row["rel_err"] = err
+    torch.cuda.synchronize()
+
+    # ---- timing
+    def fp8_q() -> torch.Tensor:
+        q, s = fp8._quantize_with_amax(x, x.abs().amax(dim=-1, keepdim=True))
+        return torch._scaled_mm(q, wq.t(), scale_a=s, scale_b=sb, out_dtype=torch.bfloat16)
+
+    fns: Dict[str, Callable[[], object]] = {
+        "bf16": lambda: torch.matmul(x, w.t()),
+        "fp8": lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=sb, out_dtype=torch.bfloat16),
+        "fp8+q": fp8_q,
+        "fp8 fast": lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=sb, out_dtype=torch.bfloat16,
+                                             use_fast_accum=True),
+        "nvfp4": lambda: kg.nvfp4_matmul_triton(a, b),
+        "nvfp4+q": lambda: kg.nvfp4_matmul_triton(nvfp4_quantize_triton(x, check_finite=False), b),
+        "split": lambda: kg.nvfp4_matmul_split(a, b),
+        "split+q": lambda: kg.nvfp4_matmul_split(nvfp4_quantize_triton(x, check_finite=False), b),
+        "quantize": lambda: nvfp4_quantize_triton(x, check_finite=False),
+    }
+    ms = {name: bench_ms(fn) for name, fn in fns.items()}
+    row["ms"] = ms
+    row["tflops"] = {name: flops / (t * 1e-3) / 1e12 for name, t in ms.items() if name != "quantize"}
+    # quantize moves: read x (bf16) twice (amax + quantize), write codes + scales
+    row["quantize_GBps"] = (2 * m * k * 2 + m * k // 2 + m * k // 16) / (ms["quantize"] * 1e-3) / 1e9
+    best = getattr(kg._nvfp4_gemm_autotuned, "best_config", None)
+    row["autotuned_config"] = str(best) if best is not None else None
+
+    if tune:
+        sweep = {}
+        for bm, bn, bk, st, nw in kg._CONFIGS:
+            for asm in (True, False):
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_stages=st, num_warps=nw)
+                name = f"{bm}x{bn}x{bk}_s{st}_w{nw}{'' if asm else '_plain'}"
+                if not asm and (bm, bn, bk, st) != (128, 128, 64, 3):
+                    continue  # the plain-Triton decode once, for comparison
+                try:
+                    t = bench_ms(lambda: kg.nvfp4_matmul_triton(a, b, config=cfg, decode_asm=asm))
+                    sweep[name] = round(flops / (t * 1e-3) / 1e12, 1)
+                except Exception as e:  # a config that does not compile or fit
+                    sweep[name] = f"failed: {type(e).__name__}"
+        row["tune_tflops"] = sweep
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="bench/results/gemm.json")
+    p.add_argument("--tune", action="store_true", help="also sweep the fused GEMM's configs")
+    p.add_argument("--shapes", default="", help="comma list of MxNxK (default: the 5B model's six)")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/gemm.py needs a CUDA GPU")
+    import triton
+
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s] or SHAPES
+    meta = {"device": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
+            "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
+    print(json.dumps(meta), flush=True)
+    rows = []
+    for (m, n, k) in shapes:
+        t0 = time.time()
+        r = run_shape(m, n, k, args.tune)
+        r["wall_s"] = round(time.time() - t0, 1)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        torch.cuda.empty_cache()
+
+    cols = ["bf16", "fp8", "fp8+q", "fp8 fast", "nvfp4", "nvfp4+q", "split", "split+q"]
+    print("\nTFLOP/s (median), " + meta["device"])
+    print("| M x N x K | " + " | ".join(cols) + " | fp8/bf16 | nvfp4/bf16 | nvfp4+q/bf16 | quantize GB/s |")
+    print("|" + "---|" * (len(cols) + 5))
+    for r in rows:
+        t = r["tflops"]
+        print(f"| {r['M']}x{r['N']}x{r['K']} | " + " | ".join(f"{t[c]:.0f}" for c in cols)
+              + f" | {t['fp8'] / t['bf16']:.2f} | {t['nvfp4'] / t['bf16']:.2f} | {t['nvfp4+q'] / t['bf16']:.2f}"
+              + f" | {r['quantize_GBps']:.0f} |")
+    print("\nrel. errors: " + "; ".join(
+        f"{r['M']}x{r['N']}x{r['K']}: " + ", ".join(f"{k} {v:.1e}" for k, v in r["rel_err"].items())
+        + f", quantize bit-exact {r['quantize_bit_exact']}" for r in rows))
+    if any("tune_tflops" in r for r in rows):
+        print("\nfused GEMM configs (TFLOP/s):")
+        for r in rows:
+            print(f"  {r['M']}x{r['N']}x{r['K']}: {r.get('tune_tflops')}  autotuned: {r['autotuned_config']}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
