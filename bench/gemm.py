@@ -8,7 +8,8 @@ L2 flushed between runs) as TFLOP/s = 2*M*N*K / time:
 
 * bf16     ``torch.matmul(x, w.t())`` (cuBLAS)
 * fp8      ``torch._scaled_mm`` rowwise (E4M3, fp32 accumulation), operands pre-quantized; ``fp8+q`` adds the
-           per-token activation quantization (eager PyTorch ops); ``fp8 fast`` is ``use_fast_accum=True``
+           per-token activation quantization (eager PyTorch ops), ``fp8+qk`` the fused Triton rowwise quantize;
+           ``fp8 fast`` is ``use_fast_accum=True``
 * nvfp4    the fused Triton W4A4 GEMM (``backend.nvfp4_matmul(backend="triton")``), operands pre-quantized;
            ``nvfp4+q`` adds the fused activation quantize (amax + quantize kernels)
 * split    decode both NVFP4 operands to bf16, then cuBLAS (``impl="split"``); ``split+q`` adds the quantize
@@ -50,6 +51,7 @@ def run_shape(m: int, n: int, k: int, tune: bool) -> Dict[str, object]:
     from longstream.quant import fp8
     from longstream.quant import nvfp4 as nv
     from longstream.quant.kernels import nvfp4_gemm as kg
+    from longstream.quant.kernels.fp8_quant import fp8_quantize_rowwise_triton
     from longstream.quant.kernels.nvfp4_quant import nvfp4_quantize_triton
 
     torch.manual_seed(m * 7 + n * 3 + k)
@@ -91,10 +93,15 @@ def run_shape(m: int, n: int, k: int, tune: bool) -> Dict[str, object]:
         q, s = fp8._quantize_with_amax(x, x.abs().amax(dim=-1, keepdim=True))
         return torch._scaled_mm(q, wq.t(), scale_a=s, scale_b=sb, out_dtype=torch.bfloat16)
 
+    def fp8_qk() -> torch.Tensor:  # activation quantize by the fused Triton kernel
+        q, s = fp8_quantize_rowwise_triton(x)
+        return torch._scaled_mm(q, wq.t(), scale_a=s, scale_b=sb, out_dtype=torch.bfloat16)
+
     fns: Dict[str, Callable[[], object]] = {
         "bf16": lambda: torch.matmul(x, w.t()),
         "fp8": lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=sb, out_dtype=torch.bfloat16),
         "fp8+q": fp8_q,
+        "fp8+qk": fp8_qk,
         "fp8 fast": lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=sb, out_dtype=torch.bfloat16,
                                              use_fast_accum=True),
         "nvfp4": lambda: kg.nvfp4_matmul_triton(a, b),
@@ -152,14 +159,15 @@ def main() -> None:
         print(json.dumps(r), flush=True)
         torch.cuda.empty_cache()
 
-    cols = ["bf16", "fp8", "fp8+q", "fp8 fast", "nvfp4", "nvfp4+q", "split", "split+q"]
+    cols = ["bf16", "fp8", "fp8+q", "fp8+qk", "fp8 fast", "nvfp4", "nvfp4+q", "split", "split+q"]
     print("\nTFLOP/s (median), " + meta["device"])
-    print("| M x N x K | " + " | ".join(cols) + " | fp8/bf16 | nvfp4/bf16 | nvfp4+q/bf16 | quantize GB/s |")
-    print("|" + "---|" * (len(cols) + 5))
+    print("| M x N x K | " + " | ".join(cols) + " | fp8/bf16 | fp8+qk/bf16 | nvfp4/bf16 | nvfp4+q/bf16 | quantize GB/s |")
+    print("|" + "---|" * (len(cols) + 6))
     for r in rows:
         t = r["tflops"]
         print(f"| {r['M']}x{r['N']}x{r['K']} | " + " | ".join(f"{t[c]:.0f}" for c in cols)
-              + f" | {t['fp8'] / t['bf16']:.2f} | {t['nvfp4'] / t['bf16']:.2f} | {t['nvfp4+q'] / t['bf16']:.2f}"
+              + f" | {t['fp8'] / t['bf16']:.2f} | {t['fp8+qk'] / t['bf16']:.2f} | {t['nvfp4'] / t['bf16']:.2f}"
+              + f" | {t['nvfp4+q'] / t['bf16']:.2f}"
               + f" | {r['quantize_GBps']:.0f} |")
     print("\nrel. errors: " + "; ".join(
         f"{r['M']}x{r['N']}x{r['K']}: " + ", ".join(f"{k} {v:.1e}" for k, v in r["rel_err"].items())

@@ -70,6 +70,20 @@ def nvfp4_quantize(
     return nvfp4_quantize_triton(x, global_scale=global_scale, check_finite=check_finite)
 
 
+def fp8_quantize_rowwise(
+    x: torch.Tensor, *, backend: str = "reference"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row E4M3 quantization of x [..., K] -> (q, float32 scale [..., 1]). The reference checks for NaN/Inf
+    (a host sync); the Triton kernel is one asynchronous pass, bit-identical on finite input."""
+    _check(backend)
+    if backend == "reference":
+        return fp8.quantize_rowwise(x)
+    _check_triton_device(x, backend)
+    from .kernels.fp8_quant import fp8_quantize_rowwise_triton
+
+    return fp8_quantize_rowwise_triton(x)
+
+
 def nvfp4_matmul(
     a: NVFP4Tensor,
     b: NVFP4Tensor,

@@ -187,10 +187,11 @@ class QuantLinear(nn.Module):
         be = self.backend or qb.default_backend(x.device)
         bias = None if self.bias is None else self.bias.detach().to(x.dtype)
         if self.mode == "fp8":
-            xq, xs = fp8.quantize_rowwise(x2)
+            xq, xs = qb.fp8_quantize_rowwise(x2, backend=be)
             out = qb.fp8_matmul_rowwise(xq, xs, self.qdata, self.scale, bias, out_dtype=x.dtype, backend=be)
         else:
-            xq = qb.nvfp4_quantize(x2.contiguous(), backend=be)
+            # no NaN/Inf read-back on GPU backends: it would sync the host on every call
+            xq = qb.nvfp4_quantize(x2.contiguous(), backend=be, check_finite=be == "reference")
             out = qb.nvfp4_matmul(xq, self.weight_nvfp4(), out_dtype=x.dtype, backend=be)
             if bias is not None:
                 out = out + bias
