@@ -24,11 +24,16 @@ from longstream.vae import StreamingDecoder, build_vae
 from longstream.vae.async_decode import AsyncDecoder
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn) -> float:
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     fn()
-    torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - start
 
 
@@ -41,10 +46,11 @@ def main() -> None:
     a = p.parse_args()
     preset = get_preset(a.preset)
     stream = dataclasses.replace(preset.stream, steps=a.steps)
-    dev = torch.device("cuda")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     with torch.device(dev):
-        model = CausalWanTransformer(preset.transformer).to(torch.bfloat16).eval()
-        vae = build_vae(preset.vae.kind).to(torch.bfloat16).eval()
+        model = CausalWanTransformer(preset.transformer).to(dtype).eval()
+        vae = build_vae(preset.vae.kind).to(dtype).eval()
     latent_hw = preset.latent_size()
     warm = stream.window_frames // stream.chunk_frames
     text = torch.randn(1, 512, preset.transformer.text_dim, device=dev)
@@ -61,10 +67,10 @@ def main() -> None:
             latents = next(chunks).latents
             if decode:
                 to_host(decoder.decode(latents))
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         if overlap:
-            with AsyncDecoder(decoder.decode, to_host, device=dev) as worker:
+            with AsyncDecoder(decoder.decode, to_host, device=dev if dev.type == "cuda" else None) as worker:
                 for _ in range(a.chunks):
                     worker.submit(next(chunks).latents)
         else:
@@ -72,7 +78,7 @@ def main() -> None:
                 latents = next(chunks).latents
                 if decode:
                     to_host(decoder.decode(latents))
-        torch.cuda.synchronize()
+        sync()
         return (time.perf_counter() - start) / a.chunks
 
     with torch.no_grad():
@@ -81,17 +87,20 @@ def main() -> None:
         overlapped = seconds_per_chunk(decode=True, overlap=True)
         decoder = StreamingDecoder(vae, normalized=True)
         latents = torch.randn(1, preset.transformer.in_channels, stream.chunk_frames, *latent_hw, device=dev,
-                              dtype=torch.bfloat16)
+                              dtype=dtype)
         decoder.decode(latents)  # a video's first chunk is special; time later ones
         vae_only = sum(timed(lambda: to_host(decoder.decode(latents))) for _ in range(a.chunks)) / a.chunks
     frames = stream.chunk_frames * preset.vae.temporal
+    on_gpu = dev.type == "cuda"
     result = dict(
-        device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), preset=a.preset, steps=a.steps,
+        device=torch.cuda.get_device_name() if on_gpu else "cpu", date=time.strftime("%Y-%m-%d"), preset=a.preset,
+        steps=a.steps,
         chunk_latent_frames=stream.chunk_frames, video_frames_per_chunk=frames,
         seconds_per_chunk=dict(dit=dit, vae=vae_only, sequential=sequential, async_=overlapped),
-        async_over_max=overlapped / max(dit, vae_only), peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30,
+        async_over_max=overlapped / max(dit, vae_only),
+        peak_memory_gb=torch.cuda.max_memory_allocated() / 2**30 if on_gpu else 0.0,
     )
-    print(f"{result['device']}  {a.preset}  {preset.width}x{preset.height}  {a.steps} steps  bf16, eager")
+    print(f"{result['device']}  {a.preset}  {preset.width}x{preset.height}  {a.steps} steps  {dtype}, eager")
     print(f"{'mode':12s} {'s/chunk':>8s} {'video FPS':>10s}")
     for name, t in (("DiT alone", dit), ("VAE alone", vae_only), ("sequential", sequential), ("async", overlapped)):
         print(f"{name:12s} {t:8.3f} {frames / t:10.1f}")
