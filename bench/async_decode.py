@@ -19,7 +19,6 @@ import torch
 from longstream.config import get_preset
 from longstream.model.transformer import CausalWanTransformer
 from longstream.pipeline.stream import ShotPlan, StreamingGenerator
-from longstream.pipeline.video_io import frames_to_uint8
 from longstream.vae import StreamingDecoder, build_vae
 from longstream.vae.async_decode import AsyncDecoder
 
@@ -56,7 +55,8 @@ def main() -> None:
     text = torch.randn(1, 512, preset.transformer.text_dim, device=dev)
 
     def to_host(frames: torch.Tensor) -> torch.Tensor:
-        return frames_to_uint8(frames)  # what the MP4 writer receives
+        """What the MP4 writer receives: uint8 frames on the host."""
+        return ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
     def seconds_per_chunk(decode: bool, overlap: bool) -> float:
         """Mean wall time per measured chunk (after `warm` chunks fill the window)."""

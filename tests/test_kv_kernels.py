@@ -1,4 +1,4 @@
-"""The NVFP4 KV dequantize kernel against its reference twin (`nvfp4.dequantize`), bit for bit.
+"""The KV dequantize kernels (NVFP4, FP8) against their reference twins, bit for bit.
 
 On CPU the kernel runs in Triton's interpreter in a child process (TRITON_INTERPRET must be set before triton is
 imported), with float32 output: the interpreter truncates float32 -> bf16 casts whatever rounding mode is asked,
@@ -15,21 +15,27 @@ import torch
 
 CHECK = r'''
 import torch
-from longstream.quant.kv_storage import NVFP4KVStorage
-from longstream.quant.kernels.kv_dequant import kv_dequantize
+from longstream.quant.kv_storage import FP8KVStorage, NVFP4KVStorage
+from longstream.quant.kernels.kv_dequant import fp8_kv_dequantize, nvfp4_kv_dequantize
 from longstream.quant import nvfp4
 
 def check(b, h, frames, t, d, length_frames, dtype, device, seed):
     g = torch.Generator().manual_seed(seed)
+    fp8 = FP8KVStorage(b, h, frames * t, d, dtype, device, tokens_per_frame=t)
     store = NVFP4KVStorage(b, h, frames * t, d, dtype, device, tokens_per_frame=t)
     scale = torch.logspace(-3, 3, frames, dtype=torch.float64).float().repeat_interleave(t)
     k = (torch.randn(b, h, frames * t, d, generator=g) * scale[None, None, :, None]).to(device)
     k[:, :, :t, :16] = 0  # a zero block
     v = torch.randn(b, h, frames * t, d, generator=g).to(device)
     store.write(torch.arange(frames * t, device=device), k, v)
+    fp8.write(torch.arange(frames * t, device=device), k, v)
     length = length_frames * t
+    for codes, gs in ((fp8.k, fp8.k_scale), (fp8.v, fp8.v_scale)):
+        got = fp8_kv_dequantize(codes, gs, length, t, dtype)
+        want = (codes[:, :, :length].float() * gs[:, :, :length_frames].repeat_interleave(t, 2)[..., None]).to(dtype)
+        assert torch.equal(got, want), (got - want).abs().max()
     for codes, blocks, gs in ((store.k, store.k_block, store.k_scale), (store.v, store.v_block, store.v_scale)):
-        got = kv_dequantize(codes, blocks, gs, length, t, dtype)
+        got = nvfp4_kv_dequantize(codes, blocks, gs, length, t, dtype)
         gtok = gs[:, :, :length_frames].repeat_interleave(t, dim=2)[..., None]
         want = nvfp4.dequantize(codes[:, :, :length], blocks[:, :, :length], gtok, dtype=dtype)
         assert got.shape == want.shape, (got.shape, want.shape)

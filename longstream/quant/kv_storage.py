@@ -69,6 +69,12 @@ class FP8KVStorage(_FrameScaledStorage):
             scales.index_copy_(2, slots, scale)
 
     def read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k.is_cuda and _HAS_TRITON:  # one-pass Triton decode, bit-identical to the reference below
+            from .kernels.kv_dequant import fp8_kv_dequantize
+
+            k, v = (fp8_kv_dequantize(c, s, length, self.tokens_per_frame, self.dtype)
+                    for c, s in ((self.k, self.k_scale), (self.v, self.v_scale)))
+            return k, v
         out = []
         for store, scales in ((self.k, self.k_scale), (self.v, self.v_scale)):
             s = self._scale_per_token(scales, length)[..., None]
@@ -109,9 +115,9 @@ class NVFP4KVStorage(_FrameScaledStorage):
     def read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         parts = ((self.k, self.k_block, self.k_scale), (self.v, self.v_block, self.v_scale))
         if self.k.is_cuda and _HAS_TRITON:  # one-pass Triton decode, bit-identical to the reference below
-            from .kernels.kv_dequant import kv_dequantize
+            from .kernels.kv_dequant import nvfp4_kv_dequantize
 
-            k, v = (kv_dequantize(c, b, g, length, self.tokens_per_frame, self.dtype) for c, b, g in parts)
+            k, v = (nvfp4_kv_dequantize(c, b, g, length, self.tokens_per_frame, self.dtype) for c, b, g in parts)
             return k, v
         out = []
         for store, blocks, scales in parts:

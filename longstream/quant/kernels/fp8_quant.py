@@ -14,8 +14,8 @@ import triton.language as tl
 
 from . import patch_interpreter
 
-E4M3_MAX = 448.0
-AMAX_EPS = 1e-12
+E4M3_MAX = tl.constexpr(448.0)
+AMAX_EPS = tl.constexpr(1e-12)
 
 
 @triton.jit
