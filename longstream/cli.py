@@ -28,6 +28,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", "-o", default="out.mp4", help="output MP4 (written atomically; default out.mp4)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset (default tiny)")
     p.add_argument("--checkpoint", metavar="FILE", help="transformer weights (longstream safetensors)")
+    p.add_argument("--lora", metavar="FILE", help="LoRA adapter to apply (e.g. the 4->2 step LoRA)")
     p.add_argument("--steps", type=int, choices=(4, 2), help="sampling steps (default: the preset's)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--height", type=int, help="video height (default: the preset's)")
@@ -50,9 +51,49 @@ def _run_generate(args: argparse.Namespace) -> None:
         output=args.output, preset=args.preset, prompts=args.prompt, prompts_file=args.prompts,
         seconds=args.seconds, steps=args.steps, seed=args.seed, checkpoint=args.checkpoint,
         height=args.height, width=args.width, device=args.device, progress=not args.quiet,
-        kv_cache=args.kv_cache, linear=args.linear, async_decode=args.async_decode,
+        kv_cache=args.kv_cache, linear=args.linear, async_decode=args.async_decode, lora=args.lora,
     )
     generate_video(request)
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train or tune a model from a YAML config",
+        description="Train with a YAML config (see longstream/train/trainer.py for the settings). A run resumes "
+        "from the latest complete checkpoint in its output folder.",
+    )
+    p.add_argument("config", help="training config (YAML)")
+    p.add_argument("--steps", type=int, help="stop at this step (default: the config's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from .train.trainer import train_from_config
+
+    print(f"checkpoints in {train_from_config(args.config, steps=args.steps, progress=not args.quiet)}")
+
+
+def _lora_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("lora", help="LoRA adapters: merge one into a checkpoint",
+                       description="Work with standalone LoRA files.")
+    lsub = p.add_subparsers(dest="lora_command", required=True, metavar="ACTION")
+    m = lsub.add_parser("merge", help="fold a LoRA into a transformer checkpoint",
+                        description="Write BASE with LORA folded into its weights to OUTPUT (safetensors).")
+    m.add_argument("base", help="transformer checkpoint (longstream safetensors)")
+    m.add_argument("lora", help="LoRA file")
+    m.add_argument("output", help="merged checkpoint to write")
+    m.set_defaults(run=_run_lora_merge)
+
+
+def _run_lora_merge(args: argparse.Namespace) -> None:
+    from .model.checkpoints import load_transformer, save_transformer
+    from .model.lora import merge_lora_file
+
+    model = load_transformer(args.base)
+    model.load_state_dict(merge_lora_file(model.state_dict(), args.lora), strict=True)
+    save_transformer(model, args.output)
+    print(f"wrote {args.output}")
 
 
 def _run_info(args: argparse.Namespace) -> None:
@@ -73,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _generate_parser(sub)
+    _train_parser(sub)
+    _lora_parser(sub)
     info = sub.add_parser("info", help="list the model presets", description="List the model presets.")
     info.set_defaults(run=_run_info)
     return parser

@@ -89,3 +89,55 @@ def test_help_lists_commands():
     result = subprocess.run([sys.executable, "-m", "longstream.cli", "generate", "--help"],
                             capture_output=True, text=True)
     assert "--prompts" in result.stdout and "--steps" in result.stdout
+
+
+def test_train_then_generate_from_its_checkpoint(tmp_path):
+    import torch
+
+    from longstream.train.data import write_clip
+
+    for i in range(3):
+        write_clip(tmp_path / "data", f"c{i}", torch.randn(16, 4, 2, 2), [("a red ball", 0, 4)])
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("objective: teacher_forcing\ndata: data\noutput: run\nsteps: 3\nbatch_size: 2\n"
+                   "clip_frames: 4\nsave_every: 3\ndevice: cpu\n")
+    assert main(["train", str(cfg), "--quiet"]) == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000003" / "model.safetensors"
+    assert ckpt.is_file()
+    out = tmp_path / "t.mp4"
+    assert main(["generate", "--prompt", "a red ball", "--seconds", "0.5", "--checkpoint", str(ckpt),
+                 "--output", str(out), "--width", "32", "--height", "32", "--quiet"]) == 0
+    assert read_video_info(out)[0] == 8
+
+
+def test_bad_train_config_is_one_line(tmp_path, capsys):
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("objective: magic\ndata: d\noutput: o\n")
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "objective must be one of" in err[0]
+
+
+def test_lora_merge_command(tmp_path):
+    import torch
+
+    from longstream.config import get_preset
+    from longstream.model.checkpoints import load_transformer, save_transformer
+    from longstream.model.lora import LoRAConfig, inject_lora, merge_lora, save_lora
+    from longstream.model.transformer import CausalWanTransformer
+
+    model = CausalWanTransformer(get_preset("tiny").transformer).eval()
+    save_transformer(model, tmp_path / "base.safetensors")
+    inject_lora(model, LoRAConfig(rank=4, alpha=4.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    save_lora(model, tmp_path / "l.safetensors")
+    merge_lora(model)
+    assert main(["lora", "merge", str(tmp_path / "base.safetensors"), str(tmp_path / "l.safetensors"),
+                 str(tmp_path / "merged.safetensors")]) == 0
+    merged = load_transformer(tmp_path / "merged.safetensors").eval()
+    x, t, e = torch.randn(1, 16, 2, 4, 4), torch.rand(1) * 1000, torch.randn(1, 3, 64)
+    with torch.no_grad():
+        assert torch.allclose(merged(x, t, e), model(x, t, e), rtol=1e-5, atol=1e-6)

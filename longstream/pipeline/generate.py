@@ -41,6 +41,7 @@ class GenerateRequest:
     kv_cache: str = "dense"
     linear: str = "bf16"
     async_decode: bool | None = None  # None: on for CUDA
+    lora: str | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -93,6 +94,10 @@ def generate_video(req: GenerateRequest) -> Path:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     model = _transformer(req, preset, device, dtype).eval()
+    if req.lora:
+        from ..model.lora import load_lora
+
+        load_lora(model, req.lora)
     if req.linear != "bf16":
         from ..quant import quantize_model
 

@@ -1,0 +1,269 @@
+"""`longstream train CONFIG.yaml`: the training loop.
+
+- Objectives: `flow_matching` (bidirectional base model) and `teacher_forcing` (AR tune), see `objectives.py`.
+- GEMM modes `bf16` | `fp8` | `nvfp4` (`quant.training.convert_for_training`), gradient accumulation, EMA.
+- Determinism: step k's batch and noise depend only on (seed, k), so a resumed run continues exactly where an
+  uninterrupted one would be.
+- Checkpoints: `OUTPUT/checkpoints/step_XXXXXXXX/` with `model.safetensors`, `ema.safetensors` (when EMA is on),
+  `optimizer.pt` and `state.json`. Each is written into a hidden `.step_XXXXXXXX.partial/` folder, fsynced and
+  renamed into place, so a run killed mid-save leaves the previous checkpoint as the latest complete one.
+  A run finds the latest complete checkpoint in its output folder and resumes from it.
+- Metrics: one JSON line per logged step in `OUTPUT/metrics.jsonl` (and TensorBoard when installed); progress bar.
+- A NaN or infinite loss stops the run with an error naming the step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..config import ConfigError, get_preset
+from ..errors import LongstreamError
+from ..model.checkpoints import load_transformer, save_transformer
+from ..model.transformer import CausalWanTransformer
+from ..text.encoders import HashTextEncoder
+from .data import LatentClipDataset
+from .objectives import flow_matching_loss, teacher_forcing_loss
+
+OBJECTIVES = ("flow_matching", "teacher_forcing")
+
+
+class TrainingError(LongstreamError):
+    """A run that cannot go on (diverged loss, unusable checkpoint)."""
+
+
+@dataclass
+class TrainConfig:
+    objective: str
+    data: str
+    output: str
+    preset: str = "tiny"
+    init: str | None = None  # transformer checkpoint to start from (e.g. the bidirectional model for TF)
+    steps: int = 1000
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    clip_frames: int = 8
+    chunk_frames: int | None = None  # teacher forcing; default: the preset's chunk
+    shift: float = 5.0
+    ema: float = 0.0  # decay; 0 turns EMA off
+    gemm: str = "bf16"
+    save_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        for name in ("steps", "batch_size", "grad_accum", "clip_frames", "save_every", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"ema must be in [0, 1), got {self.ema}")
+        if self.gemm not in ("bf16", "fp8", "nvfp4"):
+            raise ConfigError(f"gemm must be bf16, fp8 or nvfp4, got {self.gemm!r}")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings")
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
+        base = path.parent
+        for key in ("data", "output", "init"):  # relative paths are relative to the config file
+            if isinstance(data.get(key), str) and not os.path.isabs(data[key]):
+                data[key] = str(base / data[key])
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig) -> None:
+        self.cfg = config
+        self.preset = get_preset(config.preset)
+        self.device = _device(config.device)
+        self.chunk_frames = config.chunk_frames or self.preset.stream.chunk_frames
+        if config.objective == "teacher_forcing" and config.clip_frames % self.chunk_frames:
+            raise ConfigError(f"clip_frames ({config.clip_frames}) must be a multiple of chunk_frames "
+                              f"({self.chunk_frames}) for teacher forcing")
+        self.data = LatentClipDataset(config.data, clip_frames=config.clip_frames,
+                                      channels=self.preset.transformer.in_channels)
+        self.text = HashTextEncoder(self.preset.transformer.text_dim)
+        self._text_cache: dict[str, torch.Tensor] = {}
+        self.out = Path(config.output)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.model = self._build_model()
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if config.ema else None
+        self.opt = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.step = 0
+
+    def _build_model(self) -> CausalWanTransformer:
+        torch.manual_seed(self.cfg.seed)
+        if self.cfg.init:
+            model = load_transformer(self.cfg.init, expected=self.preset.transformer)
+        else:
+            model = CausalWanTransformer(self.preset.transformer)
+        model = model.to(self.device).train()
+        if self.cfg.gemm != "bf16":
+            from ..quant import convert_for_training
+
+            convert_for_training(model, self.cfg.gemm)
+        return model
+
+    # -- data -------------------------------------------------------------------------------------------------
+    def _text(self, prompts: list[str]) -> torch.Tensor:
+        for p in prompts:
+            if p not in self._text_cache:
+                self._text_cache[p] = self.text.encode([p])[0]
+        return torch.stack([self._text_cache[p] for p in prompts]).to(self.device)
+
+    def _micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The grad_accum micro-batches of `step` (batch_size examples each)."""
+        out = []
+        for micro in range(self.cfg.grad_accum):
+            idx = self.data.batch_indices(step * self.cfg.grad_accum + micro, self.cfg.batch_size, self.cfg.seed)
+            items = [self.data.load(i) for i in idx]
+            latents = torch.stack([x for x, _ in items]).to(self.device)
+            out.append((latents, self._text([p for _, p in items])))
+        return out
+
+    def loss(self, latents: torch.Tensor, text: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.cfg.objective == "flow_matching":
+            return flow_matching_loss(self.model, latents, text, shift=self.cfg.shift, generator=generator)
+        return teacher_forcing_loss(self.model, latents, text, chunk_frames=self.chunk_frames,
+                                    shift=self.cfg.shift, generator=generator)
+
+    # -- loop ---------------------------------------------------------------------------------------------------
+    def _lr(self, step: int) -> float:
+        if self.cfg.warmup_steps and step < self.cfg.warmup_steps:
+            return self.cfg.lr * (step + 1) / self.cfg.warmup_steps
+        return self.cfg.lr
+
+    def train_step(self) -> float:
+        step = self.step
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        for group in self.opt.param_groups:
+            group["lr"] = self._lr(step)
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for latents, text in self._micro_batches(step):
+            loss = self.loss(latents, text, generator) / self.cfg.grad_accum
+            if not torch.isfinite(loss):
+                raise TrainingError(f"loss is {loss.item()} at step {step}; stopping (last checkpoint kept)")
+            loss.backward()
+            total += loss.item()
+        self.opt.step()
+        if self.ema is not None:
+            with torch.no_grad():
+                for e, p in zip(self.ema.parameters(), self.model.parameters()):
+                    e.lerp_(p, 1 - self.cfg.ema)
+        self.step += 1
+        return total
+
+    def run(self, steps: int | None = None, progress: bool = True) -> list[float]:
+        """Train until `steps` (default: the config's), resuming from the latest checkpoint; returns the losses."""
+        from tqdm import tqdm
+
+        target = steps if steps is not None else self.cfg.steps
+        self.resume()
+        self.out.mkdir(parents=True, exist_ok=True)
+        losses = []
+        log = open(self.out / "metrics.jsonl", "a", encoding="utf-8")
+        start_time = time.time()
+        try:
+            with tqdm(total=target, initial=self.step, unit="step", disable=not progress) as bar:
+                while self.step < target:
+                    loss = self.train_step()
+                    losses.append(loss)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                    if self.step % self.cfg.log_every == 0 or self.step == target:
+                        log.write(json.dumps({"step": self.step, "loss": loss, "lr": self._lr(self.step - 1),
+                                              "elapsed_s": round(time.time() - start_time, 2)}) + "\n")
+                        log.flush()
+                    if self.step % self.cfg.save_every == 0 or self.step == target:
+                        self.save()
+        finally:
+            log.close()
+        return losses
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def _complete_checkpoints(self) -> list[Path]:
+        if not self.ckpt_dir.is_dir():
+            return []
+        return sorted(p for p in self.ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step_")
+                      and (p / "state.json").is_file())
+
+    def save(self) -> Path:
+        name = f"step_{self.step:08d}"
+        final = self.ckpt_dir / name
+        tmp = self.ckpt_dir / f".{name}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_transformer(self.model, tmp / "model.safetensors")
+        if self.ema is not None:
+            save_transformer(self.ema, tmp / "ema.safetensors")
+        torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
+        state = {"step": self.step, "config": asdict(self.cfg)}
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        for f in tmp.iterdir():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return final
+
+    def resume(self) -> bool:
+        """Load the latest complete checkpoint of the output folder, if any; partial ones are removed."""
+        if self.ckpt_dir.is_dir():
+            for partial in self.ckpt_dir.glob(".step_*.partial"):
+                shutil.rmtree(partial, ignore_errors=True)
+        done = self._complete_checkpoints()
+        if not done:
+            return False
+        latest = done[-1]
+        state = json.loads((latest / "state.json").read_text())
+        loaded = load_transformer(latest / "model.safetensors", expected=self.preset.transformer)
+        self.model.load_state_dict(loaded.state_dict(), strict=True)
+        if self.ema is not None and (latest / "ema.safetensors").is_file():
+            self.ema.load_state_dict(
+                load_transformer(latest / "ema.safetensors", expected=self.preset.transformer).state_dict())
+        self.opt.load_state_dict(torch.load(latest / "optimizer.pt", map_location=self.device, weights_only=True))
+        self.step = int(state["step"])
+        return True
+
+
+def train_from_config(path: str | Path, steps: int | None = None, progress: bool = True) -> Path:
+    trainer = Trainer(TrainConfig.from_yaml(path))
+    trainer.run(steps, progress=progress)
+    return trainer.ckpt_dir
