@@ -39,6 +39,8 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
                    help="KV-cache storage: dense (compute dtype, default), fp8 or nvfp4")
     p.add_argument("--async-decode", action=argparse.BooleanOptionalAction, default=None,
                    help="decode the VAE on a worker overlapping the DiT (default: on with a GPU)")
+    p.add_argument("--sp", type=int, default=1, metavar="N",
+                   help="sequence-parallel ranks (launch with torchrun --nproc-per-node N; rank 0 writes the video)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_generate)
@@ -51,7 +53,7 @@ def _run_generate(args: argparse.Namespace) -> None:
         output=args.output, preset=args.preset, prompts=args.prompt, prompts_file=args.prompts,
         seconds=args.seconds, steps=args.steps, seed=args.seed, checkpoint=args.checkpoint,
         height=args.height, width=args.width, device=args.device, progress=not args.quiet,
-        kv_cache=args.kv_cache, linear=args.linear, async_decode=args.async_decode, lora=args.lora,
+        kv_cache=args.kv_cache, linear=args.linear, async_decode=args.async_decode, lora=args.lora, sp=args.sp,
     )
     generate_video(request)
 

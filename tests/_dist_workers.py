@@ -328,6 +328,34 @@ def check_streaming(ctx: ParallelContext) -> None:
             part.commit(clean)
 
 
+def _generator_run(ctx: ParallelContext | None, kv: str) -> torch.Tensor:
+    """Latents of a 3-chunk, 2-shot stream (uneven: 3 heads, chunk of P + 1 frames), SP when ctx is given."""
+    from longstream.config import StreamConfig
+    from longstream.parallel.stream_sp import StreamShard
+    from longstream.pipeline.stream import ShotPlan, StreamingGenerator
+
+    p = ctx.sp_size if ctx is not None else int(os.environ["WORLD_SIZE"])
+    chunk = p + 1
+    stream = StreamConfig(chunk_frames=chunk, window_frames=chunk + 3, sink_frames=1, steps=2,
+                          shot_rope_offset=1.5)
+    shard = StreamShard(ctx.sp_group, kv_format=kv if kv != "dense" else "dense") if ctx is not None else None
+    gen = StreamingGenerator(tiny_model().eval(), stream, (4, 4), kv_storage=kv, shard=shard)
+    shots = [ShotPlan(randn(1, 5, 8, seed=80), 2), ShotPlan(randn(1, 4, 8, seed=81), 1)]
+    with torch.no_grad():
+        chunks = gen.generate(shots, generator=torch.Generator().manual_seed(9))
+        return torch.cat([c.latents for c in chunks], dim=2)
+
+
+def check_generator_dense(ctx: ParallelContext) -> None:
+    """StreamingGenerator with SP (re-cache, eviction, uneven heads and frames) equals one process."""
+    assert rel(_generator_run(ctx, "dense"), _generator_run(None, "dense")) < 1e-5
+
+
+def check_generator_fp8(ctx: ParallelContext) -> None:
+    """FP8 K/V through the all-to-all into an FP8 cache equals one process with the same FP8 cache."""
+    assert rel(_generator_run(ctx, "fp8"), _generator_run(None, "fp8")) < 1e-5
+
+
 CHECKS: dict[str, Callable[[ParallelContext], None]] = {
     "mesh": check_mesh,
     "roundtrip": check_roundtrip,
@@ -336,4 +364,6 @@ CHECKS: dict[str, Callable[[ParallelContext], None]] = {
     "quantized": check_quantized,
     "balanced_model": check_balanced_model,
     "streaming": check_streaming,
+    "generator_dense": check_generator_dense,
+    "generator_fp8": check_generator_fp8,
 }

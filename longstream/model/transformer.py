@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -152,6 +152,21 @@ class WanBlock(nn.Module):
 
         h = (self.norm3(x.float()) * (1 + c_scale) + c_shift).to(x.dtype)
         return (x.float() + self.ffn(h).float() * c_gate).to(x.dtype)
+
+
+class FrameShard(Protocol):
+    """How sequence-parallel ranks share a run of latent frames (see `longstream.parallel.stream_sp`)."""
+
+    def frame_range(self, frames: int) -> tuple[int, int]: ...
+
+    def attention(self, inner: MaskedAttention, frames: int, tokens_per_frame: int,
+                  mask: torch.Tensor | None = None) -> Callable: ...
+
+
+class Attends(Protocol):
+    """What `forward_stream` needs of its cache: `KVCache`, or a sequence-parallel exchange around one."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
 
 class TextContext:
@@ -307,7 +322,7 @@ class CausalWanTransformer(nn.Module):
         x: torch.Tensor,
         t: torch.Tensor,
         text: TextContext,
-        cache: KVCache,
+        cache: KVCache | Attends,
         frame_positions: torch.Tensor,
         need_output: bool = True,
     ) -> torch.Tensor | None:
@@ -319,25 +334,32 @@ class CausalWanTransformer(nn.Module):
         return self._head(tokens, temb, grid) if need_output else None
 
     @torch.no_grad()
-    def recache(self, cache: KVCache, text: TextContext) -> None:
+    def recache(self, cache: KVCache, text: TextContext, shard: "FrameShard | None" = None) -> None:
         """KV re-cache: recompute every cached frame's K/V from its clean latent under a new prompt (t = 0),
-        each frame seeing the cached frames of its own and earlier chunks, positions unchanged."""
+        each frame seeing the cached frames of its own and earlier chunks, positions unchanged. With a
+        sequence-parallel `shard` this rank embeds only its share of the cached frames."""
         cached = cache.cached()
         if not cached:
             return
         slots = [s for s, _ in cached]
-        index = torch.tensor(slots, device=cache.device)
+        start, end = shard.frame_range(len(cached)) if shard is not None else (0, len(cached))
+        index = torch.tensor(slots[start:end], device=cache.device)
         x = cache.latents.index_select(2, index)
-        positions = torch.tensor([info.position for _, info in cached], device=cache.device)
+        positions = torch.tensor([info.position for _, info in cached[start:end]], device=cache.device)
         chunks = torch.tensor([info.chunk for _, info in cached], device=cache.device)
         tokens, _, mod, grid = self._embed(x, torch.zeros(x.shape[0], device=x.device))
         mask = expand_frame_mask(block_causal_mask(chunks), grid[1] * grid[2])
 
-        def attend_and_store(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def attend_and_store(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             mask: torch.Tensor | None) -> torch.Tensor:
             k, v = cache.write_frames(layer, slots, k, v)  # what the cache holds (quantized storage included)
             return attention(q, k, v, mask)
 
-        self._blocks(tokens, mod, self._rope(positions, grid), text, attend_and_store)
+        if shard is None:
+            attend = lambda layer, q, k, v: attend_and_store(layer, q, k, v, mask)  # noqa: E731
+        else:
+            attend = shard.attention(attend_and_store, len(cached), grid[1] * grid[2], mask=mask)
+        self._blocks(tokens, mod, self._rope(positions, grid), text, attend)
 
 
 def config_from_diffusers(cfg) -> TransformerConfig:

@@ -42,6 +42,7 @@ class GenerateRequest:
     linear: str = "bf16"
     async_decode: bool | None = None  # None: on for CUDA
     lora: str | None = None
+    sp: int = 1  # sequence-parallel ranks (torchrun)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,7 +91,20 @@ def generate_video(req: GenerateRequest) -> Path:
     stream = dataclasses.replace(preset.stream, steps=req.steps or preset.stream.steps)
     plan: ChunkPlan = plan_chunks(shots, preset.fps, stream.chunk_frames, preset.vae.temporal)
     out = _output_path(req.output)
-    device = resolve_device(req.device)
+    if req.sp < 1:
+        raise UsageError(f"--sp must be >= 1, got {req.sp}")
+    shard, writes = None, True
+    if req.sp > 1:
+        from ..parallel import ParallelContext
+        from ..parallel.stream_sp import StreamShard
+
+        ctx = ParallelContext.from_env(sp_size=req.sp)
+        if ctx.dp_size != 1:
+            raise UsageError(f"generate makes one video: --sp ({req.sp}) must equal the number of processes "
+                             f"({ctx.world_size})")
+        device, shard, writes = ctx.device, StreamShard(ctx.sp_group, req.kv_cache), ctx.rank == 0
+    else:
+        device = resolve_device(req.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     model = _transformer(req, preset, device, dtype).eval()
@@ -106,8 +120,12 @@ def generate_video(req: GenerateRequest) -> Path:
     decoder = StreamingDecoder(vae, normalized=True, frames_per_call=4)
     encoder = HashTextEncoder(preset.transformer.text_dim)
     plans = [ShotPlan(encoder.encode([s.prompt]), n) for s, n in zip(shots, plan.chunks_per_shot)]
-    generator = StreamingGenerator(model, stream, latent_hw, kv_storage=req.kv_cache)
+    generator = StreamingGenerator(model, stream, latent_hw, kv_storage=req.kv_cache, shard=shard)
     noise = torch.Generator().manual_seed(req.seed)
+    if not writes:  # other sequence-parallel ranks: take part in every pass, write nothing
+        for _ in generator.generate(plans, generator=noise):
+            pass
+        return out
 
     from tqdm import tqdm
 

@@ -8,12 +8,14 @@ For every chunk of `chunk_frames` latent frames:
 At a shot switch: re-cache (the cached frames' K/V are recomputed under the new prompt), the new shot's RoPE
 positions jump by `shot_rope_offset`, and with `multi_shot_sink` the shot's first frames become the sink.
 With guidance != 1 a second cache runs the negative prompt (classifier-free guidance).
+With a sequence-parallel `shard` (`longstream.parallel.stream_sp.StreamShard`) each rank runs the transformer on
+its share of the chunk's frames and caches its share of the heads; every rank yields the same chunks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
@@ -21,6 +23,9 @@ from ..config import StreamConfig
 from ..model.kv_cache import KVCache
 from ..model.transformer import CausalWanTransformer, TextContext
 from .schedule import FewStepSampler, Sampler
+
+if TYPE_CHECKING:
+    from ..parallel.stream_sp import StreamShard
 
 
 @dataclass(frozen=True)
@@ -66,13 +71,17 @@ class StreamingGenerator:
         *,
         sampler: Sampler | None = None,
         kv_storage: str = "dense",
+        shard: "StreamShard | None" = None,
     ) -> None:
         self.model = model
         self.stream = stream
         self.latent_hw = latent_hw
         self.sampler = sampler or FewStepSampler(stream.steps, stream.timestep_shift)
         self.kv_storage = kv_storage
+        self.shard = shard
         cfg = model.config
+        if shard is not None:
+            shard.frame_range(stream.chunk_frames)  # refuses chunks smaller than the group before any work
         ph, pw = cfg.patch_size[1:]
         if latent_hw[0] % ph or latent_hw[1] % pw:
             raise ValueError(f"latent size {latent_hw} is not divisible by the patch {cfg.patch_size}")
@@ -83,7 +92,8 @@ class StreamingGenerator:
     def new_cache(self, batch: int) -> KVCache:
         cfg = self.model.config
         return KVCache(
-            num_layers=cfg.num_layers, batch=batch, heads=cfg.num_attention_heads,
+            num_layers=cfg.num_layers, batch=batch,
+            heads=self.shard.heads(cfg.num_attention_heads) if self.shard else cfg.num_attention_heads,
             head_dim=cfg.attention_head_dim, tokens_per_frame=self.tokens_per_frame,
             latent_shape=(cfg.in_channels, *self.latent_hw), sink_frames=self.stream.sink_frames,
             window_frames=self.stream.window_frames, dtype=self.model.dtype,
@@ -124,8 +134,8 @@ class StreamingGenerator:
             texts: list[TextContext] = [model.prepare_text(shot.text_emb.to(device))]
             if guided:
                 texts.append(negative)
-            if shot_index > 0:
-                model.recache(caches[0], texts[0])  # the negative prompt does not change: its cache stays valid
+            if shot_index > 0:  # the negative prompt does not change: its cache stays valid
+                model.recache(caches[0], texts[0], self.shard)
             for _ in range(shot.chunks):
                 start = chunk_index * c
                 frames = list(range(start, start + c))
@@ -136,10 +146,10 @@ class StreamingGenerator:
 
                 def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
                     tt = torch.full((batch,), t, device=device)
-                    v = model.forward_stream(x, tt, texts[0], caches[0], pos)
+                    v = self._pass(x, tt, texts[0], caches[0], pos)
                     if not guided:
                         return v
-                    v_neg = model.forward_stream(x, tt, texts[1], caches[1], pos)
+                    v_neg = self._pass(x, tt, texts[1], caches[1], pos)
                     return v_neg + self.stream.guidance_scale * (v - v_neg)
 
                 noise = torch.randn(
@@ -149,7 +159,21 @@ class StreamingGenerator:
                 clean = self.sampler.sample(velocity, noise, generator)
                 zero = torch.zeros(batch, device=device)
                 for cache, text in zip(caches, texts):
-                    model.forward_stream(clean, zero, text, cache, pos, need_output=False)
+                    self._pass(clean, zero, text, cache, pos, need_output=False)
                     cache.commit(clean)
                 yield Chunk(chunk_index, shot_index, start, clean)
                 chunk_index += 1
+
+    def _pass(
+        self, x: torch.Tensor, t: torch.Tensor, text: TextContext, cache: KVCache, pos: torch.Tensor,
+        need_output: bool = True,
+    ) -> torch.Tensor | None:
+        """One transformer pass over a chunk; with a shard, over this rank's frames, the velocity gathered."""
+        if self.shard is None:
+            return self.model.forward_stream(x, t, text, cache, pos, need_output)
+        frames = x.shape[2]
+        lo, hi = self.shard.frame_range(frames)
+        exchange = self.shard.attention(lambda layer, q, k, v, mask: cache.attend(layer, q, k, v), frames,
+                                        self.tokens_per_frame)
+        out = self.model.forward_stream(x[:, :, lo:hi], t, text, exchange, pos[lo:hi], need_output)
+        return None if out is None else self.shard.gather(out, frames, dim=2)
