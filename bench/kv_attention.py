@@ -89,7 +89,7 @@ def main() -> None:
                   shape=dict(queries=a.queries, keys=keys, heads=a.heads, head_dim=a.head_dim),
                   sdpa_backend_ms=backend_ms, sdpa_backend=best, rows=rows)
     print(f"{result['device']}  q={a.queries} k={keys} heads={a.heads}x{a.head_dim}  SDPA backend: {best}")
-    print(f"SDPA bf16 by backend (ms): " + ", ".join(f"{n} {m:.3f}" if m else f"{n} n/a" for n, m in backend_ms.items()))
+    print("SDPA bf16 by backend (ms): " + ", ".join(f"{n} {m:.3f}" if m else f"{n} n/a" for n, m in backend_ms.items()))
     print(f"{'kv':6s} {'total ms':>9s} {'dequant ms':>10s} {'TFLOP/s':>8s} {'time/bf16':>9s} {'KV MB':>8s} "
           f"{'mem x':>6s} {'rel err':>8s}")
     for r in rows:

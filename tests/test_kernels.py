@@ -241,7 +241,7 @@ def _child_main() -> None:
 @pytest.fixture(scope="module")
 def interp_report() -> dict:
     try:
-        import triton  # noqa: F401  (importing triton alone does not decorate our kernels)
+        import triton  # noqa: F401 (checks importability; importing triton alone does not decorate our kernels)
     except Exception as e:  # not installed, or broken
         pytest.skip(f"triton is not importable ({type(e).__name__}); pip install triton==3.6.0 to run the kernels "
                     "in its interpreter")

@@ -17,6 +17,7 @@ import torch
 
 from ..config import ConfigError, TransformerConfig
 from ..errors import LongstreamError
+from ..safetensors_io import load, save_atomic
 from .transformer import CausalWanTransformer, config_dict
 
 FORMAT = "transformer/1"
@@ -28,35 +29,14 @@ class CheckpointError(LongstreamError):
 
 def save_transformer(model: CausalWanTransformer, path: str | Path, extra_metadata: dict | None = None) -> None:
     """Write atomically: a temporary file beside the target, then rename."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
     metadata = {"longstream_format": FORMAT, "config": json.dumps(config_dict(model.config))}
     metadata.update(extra_metadata or {})
-    tmp = path.with_name(f".{path.name}.partial")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    try:
-        save_file(state, str(tmp), metadata=metadata)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_atomic(model.state_dict(), path, metadata)
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file, with CheckpointError for anything unreadable."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises several error types for foreign or truncated files
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({reason})") from None
-    return tensors, metadata
+    return load(path, CheckpointError, "checkpoint")
 
 
 def check_state_dict(path: str | Path, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:

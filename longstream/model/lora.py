@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..quant.linear import QuantLinear
+from ..safetensors_io import save_atomic
 from .checkpoints import CheckpointError, check_state_dict, read_safetensors
 
 FORMAT = "lora/1"
@@ -270,8 +271,6 @@ def save_lora(model: nn.Module, path: str | Path, config: Optional[LoRAConfig] =
     """Write the model's LoRA tensors atomically (a temporary file beside the target, then rename). Rank and alpha
     come from the modules (all must agree, and agree with `config` when given); `targets` from `config`, else the
     wrapped layer names."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     modules = _lora_modules(model)
     if not modules:
@@ -287,13 +286,7 @@ def save_lora(model: nn.Module, path: str | Path, config: Optional[LoRAConfig] =
         )
     targets = list(config.targets) if config is not None else sorted(modules)
     metadata = {"longstream_format": FORMAT, "rank": str(rank), "alpha": repr(alpha), "targets": json.dumps(targets)}
-    state = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        save_file(state, str(tmp), metadata=metadata)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_atomic(lora_state_dict(model), path, metadata)
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], LoRAConfig]:

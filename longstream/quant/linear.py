@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ..errors import LongstreamError
 from . import backend as qb
-from . import fp8, nvfp4
+from . import fp8
 from .nvfp4 import NVFP4Tensor
 
 MODES = ("bf16", "fp8", "nvfp4")

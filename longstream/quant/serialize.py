@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import LongstreamError
+from ..safetensors_io import load, save_atomic
 from .linear import MODES, QuantError, QuantLinear, _set_submodule
 
 FORMAT = "quantized/1"
@@ -49,9 +50,6 @@ def _to_file(t: torch.Tensor) -> torch.Tensor:
 
 def save_quantized(model: nn.Module, path: str | Path, extra_metadata: Optional[dict[str, str]] = None) -> None:
     """Write the model's state (quantized layers packed, see the module docstring), atomically."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
     layers = {n: m.mode for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     modes = sorted(set(layers.values()))
     metadata = {
@@ -63,27 +61,11 @@ def save_quantized(model: nn.Module, path: str | Path, extra_metadata: Optional[
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
         metadata["config"] = json.dumps(dataclasses.asdict(cfg))
     metadata.update(extra_metadata or {})
-    state = {k: _to_file(v) for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        save_file(state, str(tmp), metadata=metadata)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_atomic({k: _to_file(v) for k, v in model.state_dict().items()}, path, metadata)
 
 
 def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise QuantFileError(f"{path}: no such quantized-weights file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises several types for truncated/foreign files
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise QuantFileError(f"{path}: not a readable safetensors file ({reason})") from None
+    tensors, metadata = load(path, QuantFileError, "quantized-weights")
     return metadata, tensors
 
 

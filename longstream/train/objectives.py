@@ -24,7 +24,7 @@ def sample_sigmas(shape: tuple[int, ...], shift: float, generator: torch.Generat
     """Noise levels s in (0, 1]: uniform, then shifted (more weight on high noise for shift > 1)."""
     u = torch.rand(shape, generator=generator, device=generator.device if generator is not None else "cpu")
     u = 1e-3 + (1 - 1e-3) * u
-    return (shift * u / (1 + (shift - 1) * u)).to(device)
+    return shift_sigma(u, shift).to(device)
 
 
 def _noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
