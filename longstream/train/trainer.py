@@ -1,6 +1,7 @@
 """`longstream train CONFIG.yaml`: the training loop.
 
-- Objectives: `flow_matching` (bidirectional base model) and `teacher_forcing` (AR tune), see `objectives.py`.
+- Objectives: `flow_matching` (bidirectional base model) and `teacher_forcing` (AR tune), see `objectives.py`;
+  `dmd` (few-step distillation of the `init` model against the `teacher`, optionally only a LoRA), see `dmd.py`.
 - GEMM modes `bf16` | `fp8` | `nvfp4` (`quant.training.convert_for_training`), gradient accumulation, EMA.
 - Determinism: step k's batch and noise depend only on (seed, k), so a resumed run continues exactly where an
   uninterrupted one would be.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import time
@@ -33,7 +35,7 @@ from ..text.encoders import HashTextEncoder
 from .data import LatentClipDataset
 from .objectives import flow_matching_loss, teacher_forcing_loss
 
-OBJECTIVES = ("flow_matching", "teacher_forcing")
+OBJECTIVES = ("flow_matching", "teacher_forcing", "dmd")
 
 
 class TrainingError(LongstreamError):
@@ -47,6 +49,10 @@ class TrainConfig:
     output: str
     preset: str = "tiny"
     init: str | None = None  # transformer checkpoint to start from (e.g. the bidirectional model for TF)
+    teacher: str | None = None  # dmd: the real-score model (the bidirectional base)
+    negative_prompt: str | None = None  # dmd with guidance: the teacher's negative prompt
+    dmd: dict | None = None  # dmd: DMDConfig settings (steps, guidance_scale, critic_lr, ...)
+    lora: dict | None = None  # dmd: train only a LoRA (LoRAConfig settings), e.g. the 4 -> 2-step adapter
     steps: int = 1000
     batch_size: int = 4
     grad_accum: int = 1
@@ -73,6 +79,10 @@ class TrainConfig:
             raise ConfigError(f"ema must be in [0, 1), got {self.ema}")
         if self.gemm not in ("bf16", "fp8", "nvfp4"):
             raise ConfigError(f"gemm must be bf16, fp8 or nvfp4, got {self.gemm!r}")
+        if self.objective == "dmd" and not (self.init and self.teacher):
+            raise ConfigError("objective dmd needs init (the model to distill) and teacher (the real score)")
+        if self.objective == "dmd" and self.grad_accum != 1:
+            raise ConfigError("objective dmd does not accumulate gradients: set grad_accum to 1")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
@@ -89,7 +99,7 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
         base = path.parent
-        for key in ("data", "output", "init"):  # relative paths are relative to the config file
+        for key in ("data", "output", "init", "teacher"):  # relative paths are relative to the config file
             if isinstance(data.get(key), str) and not os.path.isabs(data[key]):
                 data[key] = str(base / data[key])
         try:
@@ -110,9 +120,9 @@ class Trainer:
         self.preset = get_preset(config.preset)
         self.device = _device(config.device)
         self.chunk_frames = config.chunk_frames or self.preset.stream.chunk_frames
-        if config.objective == "teacher_forcing" and config.clip_frames % self.chunk_frames:
+        if config.objective != "flow_matching" and config.clip_frames % self.chunk_frames:
             raise ConfigError(f"clip_frames ({config.clip_frames}) must be a multiple of chunk_frames "
-                              f"({self.chunk_frames}) for teacher forcing")
+                              f"({self.chunk_frames}) for {config.objective}")
         self.data = LatentClipDataset(config.data, clip_frames=config.clip_frames,
                                       channels=self.preset.transformer.in_channels)
         self.text = HashTextEncoder(self.preset.transformer.text_dim)
@@ -120,10 +130,15 @@ class Trainer:
         self.out = Path(config.output)
         self.ckpt_dir = self.out / "checkpoints"
         self.model = self._build_model()
+        self.dmd = self._build_dmd() if config.objective == "dmd" else None
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if config.ema else None
-        self.opt = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
-        )
+        if self.dmd is not None:
+            self.opt = self.dmd.generator_opt
+        else:
+            self.opt = torch.optim.AdamW(
+                [p for p in self.model.parameters() if p.requires_grad], lr=config.lr,
+                weight_decay=config.weight_decay,
+            )
         self.step = 0
 
     def _build_model(self) -> CausalWanTransformer:
@@ -138,6 +153,22 @@ class Trainer:
 
             convert_for_training(model, self.cfg.gemm)
         return model
+
+    def _build_dmd(self):
+        from ..model.lora import LoRAConfig
+        from .dmd import DMDConfig, DMDTrainer
+
+        teacher = load_transformer(self.cfg.teacher, expected=self.preset.transformer).to(self.device)
+        settings = dict(self.cfg.dmd or {})
+        if self.cfg.lora:
+            settings["lora"] = LoRAConfig(**self.cfg.lora)
+        try:
+            dmd_config = DMDConfig(chunk_frames=self.chunk_frames, generator_lr=self.cfg.lr, **settings)
+        except TypeError as exc:
+            raise ConfigError(f"bad dmd or lora settings: {exc}") from None
+        if dmd_config.guidance_scale != 1.0 and not self.cfg.negative_prompt:
+            raise ConfigError("dmd with guidance_scale != 1 needs a negative_prompt")
+        return DMDTrainer(self.model, teacher, dmd_config)
 
     # -- data -------------------------------------------------------------------------------------------------
     def _text(self, prompts: list[str]) -> torch.Tensor:
@@ -173,6 +204,8 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
         for group in self.opt.param_groups:
             group["lr"] = self._lr(step)
+        if self.dmd is not None:
+            return self._dmd_step(step, generator)
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
         for latents, text in self._micro_batches(step):
@@ -182,12 +215,27 @@ class Trainer:
             loss.backward()
             total += loss.item()
         self.opt.step()
+        self._after_step()
+        return total
+
+    def _dmd_step(self, step: int, generator: torch.Generator) -> float:
+        latents, text = self._micro_batches(step)[0]
+        negative = None
+        if self.dmd.cfg.guidance_scale != 1.0:
+            negative = self._text([self.cfg.negative_prompt] * latents.shape[0])
+        out = self.dmd.step(latents, text, negative, generator)
+        for name in ("generator_loss", "critic_loss"):
+            if not math.isfinite(out[name]):
+                raise TrainingError(f"{name} is {out[name]} at step {step}; stopping (last checkpoint kept)")
+        self._after_step()
+        return out["generator_loss"]
+
+    def _after_step(self) -> None:
         if self.ema is not None:
             with torch.no_grad():
                 for e, p in zip(self.ema.parameters(), self.model.parameters()):
                     e.lerp_(p, 1 - self.cfg.ema)
         self.step += 1
-        return total
 
     def run(self, steps: int | None = None, progress: bool = True) -> list[float]:
         """Train until `steps` (default: the config's), resuming from the latest checkpoint; returns the losses."""
@@ -229,10 +277,18 @@ class Trainer:
         tmp = self.ckpt_dir / f".{name}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_transformer(self.model, tmp / "model.safetensors")
-        if self.ema is not None:
+        if self.dmd is not None and self.dmd.cfg.lora is not None:
+            self.dmd.save_lora(tmp / "lora.safetensors")  # only the adapter is trained
+        else:
+            save_transformer(self.model, tmp / "model.safetensors")
+        if self.ema is not None and not (self.dmd is not None and self.dmd.cfg.lora is not None):
             save_transformer(self.ema, tmp / "ema.safetensors")
-        torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
+        if self.dmd is not None:
+            save_transformer(self.dmd.critic, tmp / "critic.safetensors")
+            optim = {"generator": self.opt.state_dict(), "critic": self.dmd.critic_opt.state_dict()}
+        else:
+            optim = self.opt.state_dict()
+        torch.save(optim, tmp / "optimizer.pt")
         state = {"step": self.step, "config": asdict(self.cfg)}
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
         for f in tmp.iterdir():
@@ -253,14 +309,25 @@ class Trainer:
             return False
         latest = done[-1]
         state = json.loads((latest / "state.json").read_text())
-        loaded = load_transformer(latest / "model.safetensors", expected=self.preset.transformer)
-        self.model.load_state_dict(loaded.state_dict(), strict=True)
+        if (latest / "lora.safetensors").is_file():
+            from ..model.lora import load_lora
+
+            load_lora(self.model, latest / "lora.safetensors")
+        else:
+            self._load_into(self.model, latest / "model.safetensors")
         if self.ema is not None and (latest / "ema.safetensors").is_file():
-            self.ema.load_state_dict(
-                load_transformer(latest / "ema.safetensors", expected=self.preset.transformer).state_dict())
-        self.opt.load_state_dict(torch.load(latest / "optimizer.pt", map_location=self.device, weights_only=True))
+            self._load_into(self.ema, latest / "ema.safetensors")
+        optim = torch.load(latest / "optimizer.pt", map_location=self.device, weights_only=True)
+        if self.dmd is not None:
+            self._load_into(self.dmd.critic, latest / "critic.safetensors")
+            self.dmd.critic_opt.load_state_dict(optim["critic"])
+            optim = optim["generator"]
+        self.opt.load_state_dict(optim)
         self.step = int(state["step"])
         return True
+
+    def _load_into(self, model: torch.nn.Module, path: Path) -> None:
+        model.load_state_dict(load_transformer(path, expected=self.preset.transformer).state_dict(), strict=True)
 
 
 def train_from_config(path: str | Path, steps: int | None = None, progress: bool = True) -> Path:
