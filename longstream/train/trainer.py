@@ -246,6 +246,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         losses = []
         log = open(self.out / "metrics.jsonl", "a", encoding="utf-8")
+        board = _tensorboard(self.out / "tensorboard")
         start_time = time.time()
         try:
             with tqdm(total=target, initial=self.step, unit="step", disable=not progress) as bar:
@@ -258,10 +259,14 @@ class Trainer:
                         log.write(json.dumps({"step": self.step, "loss": loss, "lr": self._lr(self.step - 1),
                                               "elapsed_s": round(time.time() - start_time, 2)}) + "\n")
                         log.flush()
+                        if board is not None:
+                            board.add_scalar("loss", loss, self.step)
                     if self.step % self.cfg.save_every == 0 or self.step == target:
                         self.save()
         finally:
             log.close()
+            if board is not None:
+                board.close()
         return losses
 
     # -- checkpoints -------------------------------------------------------------------------------------------
@@ -328,6 +333,15 @@ class Trainer:
 
     def _load_into(self, model: torch.nn.Module, path: Path) -> None:
         model.load_state_dict(load_transformer(path, expected=self.preset.transformer).state_dict(), strict=True)
+
+
+def _tensorboard(folder: Path):
+    """A TensorBoard writer when the `tensorboard` package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))
 
 
 def train_from_config(path: str | Path, steps: int | None = None, progress: bool = True) -> Path:
