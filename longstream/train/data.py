@@ -22,6 +22,7 @@ import torch
 
 from ..errors import LongstreamError
 from ..model.checkpoints import CheckpointError, read_safetensors
+from ..safetensors_io import save_atomic
 
 INDEX = "clips.jsonl"
 
@@ -121,13 +122,12 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def write_clip(root: str | Path, name: str, latents: torch.Tensor, shots: list[tuple[str, int, int]]) -> None:
-    """Add a clip (latents [C, F, h, w]; shots as (prompt, start, end)) to a dataset folder."""
-    from safetensors.torch import save_file
-
+    """Add a clip (latents [C, F, h, w]; shots as (prompt, start, end)) to a dataset folder: the latent file is
+    written atomically before its index line, so an interrupted writer never indexes a missing or partial file."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     file = f"{name}.safetensors"
-    save_file({"latents": latents.detach().float().contiguous().cpu()}, str(root / file))
+    save_atomic({"latents": latents.float()}, root / file)
     entry = {"file": file, "shots": [{"prompt": p, "start": s, "end": e} for p, s, e in shots]}
     with open(root / INDEX, "a", encoding="utf-8") as f:
         f.write(json.dumps(entry) + "\n")
