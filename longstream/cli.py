@@ -24,7 +24,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
                      help="prompt; repeat for several shots sharing --seconds evenly")
     src.add_argument("--prompts", metavar="FILE",
                      help="shot list: YAML or JSONL of {prompt, seconds} entries")
-    p.add_argument("--seconds", type=float, default=4.0, help="video length with --prompt (default 4)")
+    p.add_argument("--seconds", type=float, help="video length with --prompt (default 4)")
     p.add_argument("--output", "-o", default="out.mp4", help="output MP4 (written atomically; default out.mp4)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset (default tiny)")
     p.add_argument("--checkpoint", metavar="FILE", help="transformer weights (longstream safetensors)")
@@ -58,6 +58,13 @@ def _run_generate(args: argparse.Namespace) -> None:
     generate_video(request)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="train or tune a model from a YAML config",
@@ -65,7 +72,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         "from the latest complete checkpoint in its output folder.",
     )
     p.add_argument("config", help="training config (YAML)")
-    p.add_argument("--steps", type=int, help="stop at this step (default: the config's)")
+    p.add_argument("--steps", type=_positive_int, help="stop at this step (default: the config's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_train)
 

@@ -1,12 +1,13 @@
 """Reading and writing safetensors files the way every longstream format does.
 
-`save_atomic` writes to a hidden temporary file beside the target and renames it, so a crash never leaves a
-half-written file under the final name. `load` returns (tensors, metadata) and turns every failure (missing,
+`save_atomic` writes to a hidden temporary file beside the target (named after the process, so concurrent writers
+do not collide), fsyncs it and renames it, so a crash never leaves a half-written file under the final name. `load` returns (tensors, metadata) and turns every failure (missing,
 truncated or foreign file) into the caller's one-line error type, naming the file.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -16,9 +17,11 @@ def save_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: di
     from safetensors.torch import save_file
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -61,6 +61,13 @@ BAD = {
     "corrupt checkpoint": (lambda p: ["--prompt", "x", *_bad_checkpoint(p)], "not a readable"),
     "wrong preset checkpoint": (lambda p: ["--prompt", "x", *_wrong_preset_checkpoint(p)], "another model"),
     "missing output folder": (lambda p: ["--prompt", "x", "--output", str(p / "no" / "o.mp4")], "does not exist"),
+    "zero height": (lambda p: ["--prompt", "x", "--height", "0"], "not possible for preset tiny"),
+    "endless video": (lambda p: ["--prompt", "x", "--seconds", "1e308"], "more than"),
+    "nvfp4 cache on a head size of 24": (lambda p: ["--prompt", "x", "--kv-cache", "nvfp4"], "divisible by 16"),
+    "unsupported device": (lambda p: ["--prompt", "x", "--device", "mps"], "not supported"),
+    "seconds with a shot file": (lambda p: ["--prompts", str(_write(p / "s.yaml", "- {prompt: x, seconds: 1}")),
+                                            "--seconds", "3"], "--seconds is for --prompt"),
+    "folder as shot file": (lambda p: ["--prompts", str(p)], "is a folder"),
 }
 
 
@@ -110,12 +117,23 @@ def test_train_then_generate_from_its_checkpoint(tmp_path):
     assert read_video_info(out)[0] == 8
 
 
-def test_bad_train_config_is_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("settings,message", [
+    ("objective: magic", "objective must be one of"),
+    ("objective: flow_matching\nlr: .nan", "lr must be finite"),
+    ("objective: flow_matching\nsteps: '2'", "steps must be a number"),
+    ("objective: flow_matching\ndevice: mps", "not supported"),
+])
+def test_bad_train_config_is_one_line(tmp_path, capsys, settings, message):
+    import torch
+
+    from longstream.train.data import write_clip
+
+    write_clip(tmp_path / "d", "c", torch.randn(16, 8, 2, 2), [("x", 0, 8)])
     cfg = tmp_path / "t.yaml"
-    cfg.write_text("objective: magic\ndata: d\noutput: o\n")
+    cfg.write_text(settings + "\ndata: d\noutput: o\n")
     assert main(["train", str(cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "objective must be one of" in err[0]
+    assert len(err) == 1 and message in err[0], err
 
 
 def test_lora_merge_command(tmp_path):

@@ -172,6 +172,7 @@ def test_long_stream_keeps_cache_size_flat():
     def spy(batch):
         cache = original(batch)
         cache_sizes.append(cache.nbytes())
+        spy.cache = cache
         return cache
 
     gen.new_cache = spy
@@ -179,6 +180,10 @@ def test_long_stream_keeps_cache_size_flat():
         chunks = list(gen.generate([ShotPlan(torch.randn(1, 3, 16), 60)], generator=torch.Generator()))
     assert len(chunks) == 60 and len(cache_sizes) == 1
     assert chunks[-1].start_frame == 118
+    cache = spy.cache
+    assert cache.nbytes() == cache_sizes[0]
+    assert sum(s is not None for s in cache.slots) == stream.window_frames  # full, never more
+    assert sorted(s.frame for s in cache.slots)[-4:] == [116, 117, 118, 119]
     assert all(torch.isfinite(ch.latents).all() for ch in chunks)
 
 
@@ -186,6 +191,9 @@ def test_guided_stream_runs_two_caches():
     stream = StreamConfig(chunk_frames=2, window_frames=6, sink_frames=2, steps=2, guidance_scale=3.0)
     model = make_model()
     gen = StreamingGenerator(model, stream, LATENT_HW)
+    made = []
+    original = gen.new_cache
+    gen.new_cache = lambda batch: made.append(original(batch)) or made[-1]
     text, neg = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
     with torch.no_grad():
         guided = torch.cat([c.latents for c in gen.generate(
@@ -193,6 +201,7 @@ def test_guided_stream_runs_two_caches():
         plain = stream_rollout(model, StreamConfig(chunk_frames=2, window_frames=6, sink_frames=2, steps=2),
                                [(2, "a")], [text], seed=0)
     assert rel(guided, plain) > 1e-2
+    assert len(made) == 2 and all(sum(s is not None for s in c.slots) == 4 for c in made)
     with pytest.raises(ValueError, match="negative"):
         next(gen.generate([ShotPlan(text, 1)]))
 

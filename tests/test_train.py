@@ -152,3 +152,11 @@ def test_dmd_config_errors(tmp_path):
 
     with pytest.raises(LongstreamError, match="needs init"):
         config(tmp_path, objective="dmd")
+
+
+def test_ema_turned_on_later_starts_from_the_resumed_weights(tmp_path):
+    Trainer(config(tmp_path, steps=2, save_every=2)).run(progress=False)
+    later = Trainer(config(tmp_path, steps=2, save_every=2, ema=0.9))
+    assert later.resume()
+    for e, p in zip(later.ema.parameters(), later.model.parameters()):
+        assert torch.equal(e, p)

@@ -117,6 +117,7 @@ class KVCache:
         self._ring_written = 0
         self._pending: list[tuple[int, SlotInfo]] = []
         self._pending_sink_order: list[int] = []
+        self._pending_ring_next = 0
         self._attend_state: tuple[torch.Tensor, int, torch.Tensor | None] | None = None
 
     # -- slot bookkeeping -------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Protocol
 
 import torch
 import torch.nn as nn
@@ -345,7 +345,8 @@ class CausalWanTransformer(nn.Module):
         start, end = shard.frame_range(len(cached)) if shard is not None else (0, len(cached))
         index = torch.tensor(slots[start:end], device=cache.device)
         x = cache.latents.index_select(2, index)
-        positions = torch.tensor([info.position for _, info in cached[start:end]], device=cache.device)
+        positions = torch.tensor([info.position for _, info in cached[start:end]], dtype=torch.float64,
+                                 device=cache.device)
         chunks = torch.tensor([info.chunk for _, info in cached], device=cache.device)
         tokens, _, mod, grid = self._embed(x, torch.zeros(x.shape[0], device=x.device))
         mask = expand_frame_mask(block_causal_mask(chunks), grid[1] * grid[2])
@@ -382,6 +383,3 @@ def config_from_diffusers(cfg) -> TransformerConfig:
 def config_dict(config: TransformerConfig) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
 
-
-def frame_positions_tensor(positions: Sequence[float], device=None) -> torch.Tensor:
-    return torch.tensor(list(positions), dtype=torch.float64, device=device)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import Preset, get_preset
+from ..devices import resolve_device
 from ..errors import UsageError
 from ..model.checkpoints import load_transformer
 from ..model.transformer import CausalWanTransformer
@@ -30,7 +31,7 @@ class GenerateRequest:
     preset: str = "tiny"
     prompts: list[str] | None = None
     prompts_file: str | None = None
-    seconds: float = 4.0
+    seconds: float | None = None  # with prompts: default 4
     steps: int | None = None
     seed: int = 0
     checkpoint: str | None = None
@@ -45,24 +46,14 @@ class GenerateRequest:
     sp: int = 1  # sequence-parallel ranks (torchrun)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {name} asked for, but no CUDA GPU is available")
-    return device
-
-
 def _shots(req: GenerateRequest) -> list[Shot]:
     if req.prompts_file:
+        if req.seconds is not None:
+            raise UsageError("--seconds is for --prompt; a --prompts file gives each shot its length")
         return load_shots(req.prompts_file)
     if not req.prompts:
         raise UsageError("give --prompt or --prompts")
-    return shots_from_prompts(req.prompts, req.seconds)
+    return shots_from_prompts(req.prompts, 4.0 if req.seconds is None else req.seconds)
 
 
 def _output_path(path: str) -> Path:
@@ -86,8 +77,12 @@ def _transformer(req: GenerateRequest, preset: Preset, device: torch.device, dty
 def generate_video(req: GenerateRequest) -> Path:
     preset = get_preset(req.preset)
     shots = _shots(req)
-    height, width = req.height or preset.height, req.width or preset.width
+    height = preset.height if req.height is None else req.height
+    width = preset.width if req.width is None else req.width
     latent_hw = preset.latent_size(height, width)
+    if req.kv_cache == "nvfp4" and preset.transformer.attention_head_dim % 16:
+        raise UsageError(f"--kv-cache nvfp4 needs a head dimension divisible by 16; preset {preset.name} has "
+                         f"{preset.transformer.attention_head_dim}")
     stream = dataclasses.replace(preset.stream, steps=req.steps or preset.stream.steps)
     plan: ChunkPlan = plan_chunks(shots, preset.fps, stream.chunk_frames, preset.vae.temporal)
     out = _output_path(req.output)

@@ -20,6 +20,9 @@ import yaml
 from ..errors import LongstreamError
 
 
+MAX_FRAMES = 10_000_000  # ~5 days at 24 fps: a guard against typos, not a limit of the engine
+
+
 class ShotError(LongstreamError):
     """A shot list that cannot be used; the message says which shot and why."""
 
@@ -48,6 +51,8 @@ def _shot(item: object, where: str) -> Shot:
 
 def load_shots(path: str | Path) -> list[Shot]:
     path = Path(path)
+    if path.is_dir():
+        raise ShotError(f"{path}: is a folder, not a prompt file")
     if not path.is_file():
         raise ShotError(f"{path}: no such prompt file")
     try:
@@ -99,6 +104,8 @@ def plan_chunks(shots: list[Shot], fps: int, chunk_frames: int, temporal: int) -
 
     A causal video VAE turns L latent frames into 1 + temporal * (L - 1) video frames."""
     total = sum(s.seconds for s in shots)
+    if not math.isfinite(total * fps) or total * fps > MAX_FRAMES:
+        raise ShotError(f"{total:g} seconds at {fps} fps is more than {MAX_FRAMES} frames")
     video_frames = max(1, round(total * fps))
     latents = 1 + math.ceil((video_frames - 1) / temporal)
     chunks = math.ceil(latents / chunk_frames)

@@ -14,6 +14,7 @@ its share of the chunk's frames and caches its share of the heads; every rank yi
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -52,7 +53,7 @@ class FrameLayout:
     shot_starts: tuple[int, ...]
 
     def shot_of(self, frame: int) -> int:
-        return sum(1 for s in self.shot_starts[1:] if frame >= s)
+        return bisect.bisect_right(self.shot_starts, frame) - 1
 
     def position(self, frame: int) -> float:
         return frame + self.shot_of(frame) * self.stream.shot_rope_offset

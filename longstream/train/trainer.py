@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from ..config import ConfigError, get_preset
+from ..devices import resolve_device
 from ..errors import LongstreamError
 from ..model.checkpoints import load_transformer, save_transformer
 from ..model.transformer import CausalWanTransformer
@@ -70,6 +71,15 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        for name, kind in (("steps", int), ("batch_size", int), ("grad_accum", int), ("clip_frames", int),
+                           ("save_every", int), ("log_every", int), ("seed", int), ("warmup_steps", int),
+                           ("lr", (int, float)), ("weight_decay", (int, float)), ("shift", (int, float)),
+                           ("ema", (int, float))):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be finite and >= 0, got {value!r}")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         for name in ("steps", "batch_size", "grad_accum", "clip_frames", "save_every", "log_every"):
@@ -83,6 +93,8 @@ class TrainConfig:
             raise ConfigError("objective dmd needs init (the model to distill) and teacher (the real score)")
         if self.objective == "dmd" and self.grad_accum != 1:
             raise ConfigError("objective dmd does not accumulate gradients: set grad_accum to 1")
+        if self.lora and self.ema:
+            raise ConfigError("ema is not kept for a LoRA-only run: set ema to 0")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
@@ -108,17 +120,11 @@ class TrainConfig:
             raise ConfigError(f"{path}: {exc}") from None
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.cfg = config
         self.preset = get_preset(config.preset)
-        self.device = _device(config.device)
+        self.device = resolve_device(config.device)
         self.chunk_frames = config.chunk_frames or self.preset.stream.chunk_frames
         if config.objective != "flow_matching" and config.clip_frames % self.chunk_frames:
             raise ConfigError(f"clip_frames ({config.clip_frames}) must be a multiple of chunk_frames "
@@ -320,8 +326,11 @@ class Trainer:
             load_lora(self.model, latest / "lora.safetensors")
         else:
             self._load_into(self.model, latest / "model.safetensors")
-        if self.ema is not None and (latest / "ema.safetensors").is_file():
-            self._load_into(self.ema, latest / "ema.safetensors")
+        if self.ema is not None:  # a run that turns EMA on later starts it from the resumed weights
+            if (latest / "ema.safetensors").is_file():
+                self._load_into(self.ema, latest / "ema.safetensors")
+            else:
+                self.ema.load_state_dict(self.model.state_dict())
         optim = torch.load(latest / "optimizer.pt", map_location=self.device, weights_only=True)
         if self.dmd is not None:
             self._load_into(self.dmd.critic, latest / "critic.safetensors")

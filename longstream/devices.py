@@ -1,0 +1,22 @@
+"""Device names from the command line and configs."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import UsageError
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`; anything else is a UsageError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name} asked for, but no CUDA GPU is available")
+    return device
