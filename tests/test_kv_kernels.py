@@ -53,10 +53,11 @@ def run_interpreted(code):
 def test_kv_dequant_kernel_interpreted_is_bit_exact():
     result = run_interpreted(
         "print(check(2, 3, 5, 7, 32, 4, torch.float32, 'cpu', 0));"
-        "print(check(1, 2, 3, 33, 64, 3, torch.float32, 'cpu', 1))"
+        "print(check(1, 2, 3, 33, 64, 3, torch.float32, 'cpu', 1));"
+        "print(check(1, 3, 3, 5, 48, 2, torch.float32, 'cpu', 4))"
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["ok", "ok"]
+    assert result.stdout.split() == ["ok", "ok", "ok"]
 
 
 @pytest.mark.gpu
@@ -65,3 +66,4 @@ def test_kv_dequant_kernel_on_gpu_at_5b_cache_size():
     exec(CHECK, namespace)
     assert namespace["check"](1, 24, 32, 880, 128, 32, torch.bfloat16, "cuda", 2) == "ok"
     assert namespace["check"](2, 3, 6, 100, 128, 5, torch.float32, "cuda", 3) == "ok"
+    assert namespace["check"](1, 4, 4, 64, 48, 3, torch.bfloat16, "cuda", 5) == "ok"  # head_dim not a power of 2

@@ -7,7 +7,7 @@ Input layout (as `quant/kv_storage.py` keeps it), per (batch x head) row `bh` of
 and one float32 scale per (bh, frame slot) [BH, S / T]. The first `length` tokens of every row are decoded into
 out [BH, length, D]. Codes are decoded arithmetically (exact in float32) and multiplied in the reference's order
 (NVFP4: e2m1 * (global * block); FP8: e4m3 * scale), so results are bit-identical to the reference on a GPU.
-Each program decodes a [BLOCK_T, D] tile and writes it with contiguous rows.
+Each program decodes a [BLOCK_T, D] tile and writes it with contiguous rows (D need not be a power of two).
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ def _e4m3(byte):
 
 @triton.jit
 def _nvfp4_kernel(codes_ptr, blocks_ptr, global_ptr, out_ptr, length, s_alloc, slots, tokens_per_frame,
-                  D: tl.constexpr, BT: tl.constexpr):
+                  D: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BT + tl.arange(0, BT)
-    ok = (t < length)[:, None]
-    c = tl.arange(0, D // 2)
+    c = tl.arange(0, DP // 2)  # DP: D rounded up to a power of two (Triton's ranges), masked
+    ok = (t < length)[:, None] & (c < D // 2)[None, :]
     row = bh * s_alloc + t
     byte = tl.load(codes_ptr + row[:, None] * (D // 2) + c[None, :], mask=ok, other=0).to(tl.int32)
     blk = tl.load(blocks_ptr + row[:, None] * (D // 16) + (c // 8)[None, :], mask=ok, other=0).to(tl.int32)
@@ -55,18 +55,19 @@ def _nvfp4_kernel(codes_ptr, blocks_ptr, global_ptr, out_ptr, length, s_alloc, s
     scale = g[:, None] * _e4m3(blk)
     lo = (_e2m1(byte & 15) * scale).to(out_ptr.dtype.element_ty)
     hi = (_e2m1(byte >> 4) * scale).to(out_ptr.dtype.element_ty)
-    pair = tl.reshape(tl.join(lo, hi), (BT, D))
-    d = tl.arange(0, D)
-    tl.store(out_ptr + (bh * length + t)[:, None] * D + d[None, :], pair, mask=ok)
+    pair = tl.reshape(tl.join(lo, hi), (BT, DP))
+    d = tl.arange(0, DP)
+    ok_out = (t < length)[:, None] & (d < D)[None, :]
+    tl.store(out_ptr + (bh * length + t)[:, None] * D + d[None, :], pair, mask=ok_out)
 
 
 @triton.jit
 def _fp8_kernel(codes_ptr, scale_ptr, out_ptr, length, s_alloc, slots, tokens_per_frame,
-                D: tl.constexpr, BT: tl.constexpr):
+                D: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BT + tl.arange(0, BT)
-    ok = (t < length)[:, None]
-    d = tl.arange(0, D)
+    d = tl.arange(0, DP)
+    ok = (t < length)[:, None] & (d < D)[None, :]
     byte = tl.load(codes_ptr + (bh * s_alloc + t)[:, None] * D + d[None, :], mask=ok, other=0).to(tl.int32)
     s = tl.load(scale_ptr + bh * slots + t // tokens_per_frame, mask=t < length, other=0.0)
     val = (_e4m3(byte) * s[:, None]).to(out_ptr.dtype.element_ty)
@@ -82,7 +83,8 @@ def nvfp4_kv_dequantize(codes: torch.Tensor, blocks: torch.Tensor, global_scale:
     out = torch.empty(b, h, length, 2 * half, dtype=dtype, device=codes.device)
     grid = (b * h, triton.cdiv(length, BLOCK_T))
     _nvfp4_kernel[grid](codes, blocks.view(torch.uint8), global_scale, out, length, s_alloc,
-                        global_scale.shape[-1], tokens_per_frame, D=2 * half, BT=BLOCK_T)
+                        global_scale.shape[-1], tokens_per_frame, D=2 * half, DP=triton.next_power_of_2(2 * half),
+                        BT=BLOCK_T)
     return out
 
 
@@ -94,5 +96,5 @@ def fp8_kv_dequantize(codes: torch.Tensor, scale: torch.Tensor, length: int, tok
     out = torch.empty(b, h, length, d, dtype=dtype, device=codes.device)
     grid = (b * h, triton.cdiv(length, BLOCK_T))
     _fp8_kernel[grid](codes.view(torch.uint8), scale, out, length, s_alloc, scale.shape[-1], tokens_per_frame,
-                      D=d, BT=BLOCK_T)
+                      D=d, DP=triton.next_power_of_2(d), BT=BLOCK_T)
     return out
