@@ -27,7 +27,9 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=float, help="video length with --prompt (default 4)")
     p.add_argument("--output", "-o", default="out.mp4", help="output MP4 (written atomically; default out.mp4)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset (default tiny)")
-    p.add_argument("--checkpoint", metavar="FILE", help="transformer weights (longstream safetensors)")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="transformer weights: a longstream file (see `longstream convert`), a diffusers folder, "
+                   "original Wan safetensors or a LongLive .pt")
     p.add_argument("--lora", metavar="FILE", help="LoRA adapter to apply (e.g. the 4->2 step LoRA)")
     p.add_argument("--steps", type=int, choices=(4, 2), help="sampling steps (default: the preset's)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -105,6 +107,42 @@ def _run_lora_merge(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}")
 
 
+CONVERT_FORMATS = ("diffusers", "wan", "longlive", "longlive-lora")  # longstream.convert.FORMATS, without torch
+
+
+def _convert_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert", help="convert downloaded weights to longstream's safetensors layout",
+        description="Convert a Wan transformer (diffusers folder, original Wan safetensors, LongLive .pt) to a "
+        "longstream checkpoint, optionally pre-quantized, or a LongLive LoRA .pt to a longstream LoRA. The source "
+        "format and model shape are detected; nothing is downloaded. The output is written atomically.",
+    )
+    p.add_argument("source", help="diffusers folder (or pipeline folder), Wan .safetensors file or folder, or .pt")
+    p.add_argument("output", help="longstream .safetensors file to write")
+    p.add_argument("--format", choices=CONVERT_FORMATS, help="source format (default: detected)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="model the weights must be for (default: any)")
+    p.add_argument("--quantize", choices=("fp8", "nvfp4"), help="store fp8 (W8A8) or nvfp4 (W4A4) linear weights")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), help="cast the weights (default: keep the source's)")
+    p.add_argument("--ema", action="store_true", help="LongLive: take generator_ema instead of generator")
+    p.add_argument("--lora-alpha", type=float, metavar="ALPHA",
+                   help="LongLive LoRA: its alpha (scale = alpha / rank; default the rank, LongLive's default)")
+    p.set_defaults(run=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> None:
+    import torch
+
+    from .config import get_preset
+    from .convert import convert_checkpoint
+
+    fmt = convert_checkpoint(
+        args.source, args.output, fmt=args.format, quantize=args.quantize, ema=args.ema, lora_alpha=args.lora_alpha,
+        expected=get_preset(args.preset).transformer if args.preset else None,
+        dtype={"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype],
+    )
+    print(f"wrote {args.output} (from {fmt}{', ' + args.quantize if args.quantize else ''})")
+
+
 def _run_info(args: argparse.Namespace) -> None:
     for name, preset in PRESETS.items():
         t, s = preset.transformer, preset.stream
@@ -125,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_parser(sub)
     _train_parser(sub)
     _lora_parser(sub)
+    _convert_parser(sub)
     info = sub.add_parser("info", help="list the model presets", description="List the model presets.")
     info.set_defaults(run=_run_info)
     return parser

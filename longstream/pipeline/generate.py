@@ -15,7 +15,6 @@ import torch
 from ..config import Preset, get_preset
 from ..devices import resolve_device
 from ..errors import UsageError
-from ..model.checkpoints import load_transformer
 from ..model.transformer import CausalWanTransformer
 from ..text.encoders import HashTextEncoder
 from .shots import ChunkPlan, Shot, load_shots, plan_chunks, shots_from_prompts
@@ -68,8 +67,17 @@ def _output_path(path: str) -> Path:
 
 
 def _transformer(req: GenerateRequest, preset: Preset, device: torch.device, dtype: torch.dtype):
+    """The preset's transformer: from --checkpoint (a longstream file, plain or pre-quantized, a diffusers folder,
+    original Wan safetensors or a LongLive .pt; see `longstream.convert`), else fixed random weights."""
     if req.checkpoint:
-        return load_transformer(req.checkpoint, expected=preset.transformer, device=device, dtype=dtype)
+        from ..convert import load_checkpoint
+        from ..quant import QuantLinear
+
+        model = load_checkpoint(req.checkpoint, expected=preset.transformer, device=device, dtype=dtype)
+        modes = sorted({m.mode for m in model.modules() if isinstance(m, QuantLinear)})
+        if modes and modes != [req.linear]:
+            raise UsageError(f"{req.checkpoint} holds {'/'.join(modes)} weights; pass --linear {modes[0]}")
+        return model
     torch.manual_seed(0)  # the same random weights every time
     return CausalWanTransformer(preset.transformer).to(device=device, dtype=dtype)
 
