@@ -112,11 +112,13 @@ def _main_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
 
 def _build(path: str | Path, state: dict[str, torch.Tensor], config: TransformerConfig,
            dtype: torch.dtype | None) -> CausalWanTransformer:
+    """The model holding `state` (emptied: its tensors move into the model), checked strictly against `config`."""
     with torch.device("meta"):
         model = CausalWanTransformer(config)
     check_state_dict(path, state, model.state_dict())
     dtype = dtype or _main_dtype(state)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    cast = {k: state.pop(k).to(dtype) for k in list(state)}  # popping frees each source tensor once cast
+    model.load_state_dict(cast, strict=True, assign=True)
     return model
 
 
