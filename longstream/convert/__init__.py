@@ -149,7 +149,7 @@ def convert_checkpoint(
     if fmt == "longlive-lora":
         if quantize is not None:
             raise UsageError("a LoRA is stored unquantized; drop --quantize")
-        convert_lora(source, output, lora_alpha, expected)
+        convert_lora(source, output, lora_alpha, expected, dtype)
         return fmt
     state, config, fmt = read_source(source, fmt, expected, ema)
     model = _build(source, state, config, dtype)

@@ -83,11 +83,16 @@ def read_longlive(
 
 
 def convert_lora(
-    path: str | Path, output: str | Path, alpha: float | None = None, expected: TransformerConfig | None = None
+    path: str | Path,
+    output: str | Path,
+    alpha: float | None = None,
+    expected: TransformerConfig | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[int, float, int]:
     """Write a LongLive LoRA as a longstream LoRA file (`longstream.model.lora` format, our module names,
-    atomically); returns (rank, alpha, layers). `alpha` defaults to the rank. With `expected` (a preset's
-    config) every layer and shape is checked against that model; all problems of a file go into one line."""
+    atomically, cast to `dtype` when given); returns (rank, alpha, layers). `alpha` defaults to the rank. With
+    `expected` (a preset's config) every layer and shape is checked against that model; all problems of a file
+    go into one line."""
     path = Path(path)
     obj = read_torch(path)
     if not is_lora(obj):
@@ -101,7 +106,7 @@ def convert_lora(
             unknown.append(key)
             continue
         index, module, ab = match.groups()
-        out[f"blocks.{index}.{BLOCK_LINEARS[module]}.lora_{ab}"] = tensor
+        out[f"blocks.{index}.{BLOCK_LINEARS[module]}.lora_{ab}"] = tensor if dtype is None else tensor.to(dtype)
     if unknown:
         more = f" (+{len(unknown) - 3} more)" if len(unknown) > 3 else ""
         raise CheckpointError(f"{path}: unexpected {len(unknown)} LoRA tensors: {', '.join(sorted(unknown)[:3])}{more}")
