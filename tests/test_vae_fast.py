@@ -1,0 +1,79 @@
+"""The VAE's CPU fast path equals diffusers' layers; VAE files round-trip and fail with one clear line."""
+
+import pytest
+import torch
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
+
+from longstream.model.checkpoints import CheckpointError
+from longstream.vae import StreamingDecoder, build_vae
+from longstream.vae.checkpoints import load_vae, save_vae
+from longstream.vae.fast import FastCausalConv3d, FastRMSNorm, accelerate
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_accelerated_decode_equals_plain_decode():
+    vae = build_vae("tiny", seed=3)
+    z = torch.randn(1, 16, 5, 4, 4)
+    with torch.no_grad():
+        ref = vae.decode(z).sample
+    state = {k: v.clone() for k, v in vae.state_dict().items()}
+    accelerate(vae)
+    assert any(type(m) is FastCausalConv3d for m in vae.modules())
+    assert any(type(m) is FastRMSNorm for m in vae.modules())
+    assert not any(type(m) in (WanCausalConv3d, WanRMS_norm) for m in vae.modules())
+    assert all(torch.equal(state[k], v) for k, v in vae.state_dict().items())
+    with torch.no_grad():
+        out = vae.decode(z).sample
+        streamed = torch.cat([StreamingDecoder(vae).decode(z)], dim=2)
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert torch.allclose(streamed, out, atol=1e-5)
+
+
+def test_accelerated_layers_keep_gradients():
+    """Training goes through the original autograd paths: gradients equal the plain layers'."""
+    torch.manual_seed(1)
+    plain = WanCausalConv3d(4, 6, 3, padding=1)
+    fast = WanCausalConv3d(4, 6, 3, padding=1)
+    fast.load_state_dict(plain.state_dict())
+    fast.__class__ = FastCausalConv3d
+    x = torch.randn(1, 4, 3, 5, 5)
+    plain(x).square().sum().backward()
+    fast(x).square().sum().backward()
+    assert torch.allclose(plain.weight.grad, fast.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_vae_file_round_trip_with_statistics(tmp_path):
+    vae = build_vae("tiny", seed=4)
+    mean, std = torch.randn(16).tolist(), (torch.rand(16) + 0.5).tolist()
+    save_vae(vae, tmp_path / "v.safetensors", latents_mean=mean, latents_std=std)
+    loaded = load_vae(tmp_path / "v.safetensors")
+    assert loaded.config.latents_mean == pytest.approx(mean) and loaded.config.latents_std == pytest.approx(std)
+    z = torch.randn(1, 16, 2, 2, 2)
+    with torch.no_grad():
+        assert torch.equal(loaded.decode(z).sample, vae.decode(z).sample)
+    with pytest.raises(ValueError, match="not AutoencoderKLWan settings"):
+        save_vae(vae, tmp_path / "w.safetensors", colour="blue")
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"\x00" * 64, "not a readable"),
+    (None, "not a longstream VAE file"),
+])
+def test_bad_vae_file_is_one_line(tmp_path, content, message):
+    path = tmp_path / "bad.safetensors"
+    if content is None:  # a readable safetensors file of another kind
+        from safetensors.torch import save_file
+
+        save_file({"x": torch.zeros(1)}, str(path))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_vae(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
