@@ -1,4 +1,4 @@
-"""`longstream` command line: generate | info."""
+"""`longstream` command line: generate | train | world | eval | lora | convert | info."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from typing import Sequence
 
 from .config import PRESETS
-from .errors import LongstreamError
+from .errors import LongstreamError, UsageError
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +26,8 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
                      help="shot list: YAML or JSONL of {prompt, seconds} entries")
     p.add_argument("--seconds", type=float, help="video length with --prompt (default 4)")
     p.add_argument("--output", "-o", default="out.mp4", help="output MP4 (written atomically; default out.mp4)")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset (default tiny)")
+    p.add_argument("--preset", default="embedded", choices=sorted(PRESETS),
+                   help="model preset (default embedded: the small model shipped with longstream)")
     p.add_argument("--checkpoint", metavar="PATH",
                    help="transformer weights: a longstream file (see `longstream convert`), a diffusers folder, "
                    "original Wan safetensors or a LongLive .pt")
@@ -83,6 +84,66 @@ def _run_train(args: argparse.Namespace) -> None:
     from .train.trainer import train_from_config
 
     print(f"checkpoints in {train_from_config(args.config, steps=args.steps, progress=not args.quiet)}")
+
+
+def _world_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "world", help="render the procedural world into a latent training dataset",
+        description="Render clips of the procedural world (coloured shapes moving over plain backgrounds, with "
+        "prompts) and encode them with a trained VAE into a latent dataset for `longstream train`. Writes the "
+        "VAE with its fitted latent statistics to OUT/vae.safetensors. Resumable.",
+    )
+    p.add_argument("output", help="dataset folder to write (or complete)")
+    p.add_argument("--vae", required=True, metavar="FILE", help="trained VAE (model.safetensors of a vae run)")
+    p.add_argument("--clips", type=_positive_int, default=2000, help="number of clips (default 2000)")
+    p.add_argument("--frames", type=_positive_int, default=33, help="video frames per clip, 1 + 4k (default 33)")
+    p.add_argument("--size", type=_positive_int, default=128, help="frame size in pixels (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first clip (default 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_world)
+
+
+def _run_world(args: argparse.Namespace) -> None:
+    from .devices import resolve_device
+    from .train.world_data import build_world_dataset
+
+    if (args.frames - 1) % 4:
+        raise UsageError(f"--frames must be 1 + 4k (a causal video VAE), got {args.frames}")
+    out = build_world_dataset(args.vae, args.output, clips=args.clips, frames=args.frames, size=args.size,
+                              seed=args.seed, device=resolve_device(args.device), progress=not args.quiet)
+    print(f"dataset in {out}")
+
+
+def _eval_parser(sub: argparse._SubParsersAction) -> None:
+    from .eval.world_eval import MODES
+
+    p = sub.add_parser(
+        "eval", help="score a model of the procedural world (prompt adherence, shot switches, stability)",
+        description="Generate a fixed, seeded set of world prompts in each mode and read colour, shape and motion "
+        "back from the pixels (no learned metric); print a table beside chance and the rendered world.",
+    )
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)} (default all)")
+    p.add_argument("--prompts", type=_positive_int, default=24, help="single-shot prompts (default 24)")
+    p.add_argument("--switches", type=_positive_int, default=12, help="two-shot videos (default 12)")
+    p.add_argument("--steps", type=int, choices=(4, 2), help="sampling steps (default: the preset's)")
+    p.add_argument("--checkpoint", metavar="FILE", help="transformer weights (default: the embedded model)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt set and noise (default 0)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    from .eval.world_eval import eval_set, evaluate, format_table, write_json
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    result = evaluate(eval_set(args.prompts, args.switches, args.seed), modes, checkpoint=args.checkpoint,
+                      steps=args.steps, seed=args.seed, device=args.device, progress=not args.quiet)
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
 
 
 def _lora_parser(sub: argparse._SubParsersAction) -> None:
@@ -162,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _generate_parser(sub)
     _train_parser(sub)
+    _world_parser(sub)
+    _eval_parser(sub)
     _lora_parser(sub)
     _convert_parser(sub)
     info = sub.add_parser("info", help="list the model presets", description="List the model presets.")

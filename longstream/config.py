@@ -2,7 +2,7 @@
 
 A preset bundles the transformer shape, the VAE compression factors, the streaming defaults and the video
 resolution. Figures for the Wan presets come from the public Wan2.1/2.2 configs and LongLive-2.0's inference
-configs; `tiny` is the small embedded model of this project.
+configs; `embedded` is the small model shipped with this project, `tiny` a smaller random-weight one for tests.
 """
 
 from __future__ import annotations
@@ -142,6 +142,18 @@ PRESETS: dict[str, Preset] = {
         stream=StreamConfig(chunk_frames=3, window_frames=12, sink_frames=3, shot_rope_offset=3.0),
         height=480, width=832, fps=16,
     ),
+    # The embedded model (weights in longstream/assets/embedded/, trained by configs/embedded/).
+    "embedded": Preset(
+        name="embedded",
+        transformer=TransformerConfig(
+            num_attention_heads=4, attention_head_dim=48, num_layers=6, ffn_dim=768,
+            in_channels=16, out_channels=16, text_dim=64,
+        ),
+        vae=VAEConfig(kind="tiny", z_dim=16, spatial=8),
+        stream=StreamConfig(chunk_frames=2, window_frames=8, sink_frames=2, shot_rope_offset=2.0),
+        height=128, width=128, fps=16,
+    ),
+    # Random-weight test model (same VAE and stream as the embedded one, a smaller transformer).
     "tiny": Preset(
         name="tiny",
         transformer=TransformerConfig(

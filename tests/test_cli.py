@@ -16,7 +16,7 @@ def run_cli(args, tmp_path):
 
 def test_generate_writes_the_requested_video(tmp_path):
     out = tmp_path / "v.mp4"
-    code = main(["generate", "--prompt", "a red ball bounces", "--seconds", "1.5", "--output", str(out),
+    code = main(["generate", "--preset", "tiny", "--prompt", "a red ball bounces", "--seconds", "1.5", "--output", str(out),
                  "--quiet", "--width", "64", "--height", "48"])
     assert code == 0
     frames, width, height, fps = read_video_info(out)
@@ -28,7 +28,7 @@ def test_two_shot_file(tmp_path):
     shots = tmp_path / "shots.jsonl"
     shots.write_text('{"prompt": "a red ball", "seconds": 1}\n{"prompt": "a blue square", "seconds": 1}\n')
     out = tmp_path / "two.mp4"
-    assert main(["generate", "--prompts", str(shots), "--output", str(out), "--quiet",
+    assert main(["generate", "--preset", "tiny", "--prompts", str(shots), "--output", str(out), "--quiet",
                  "--width", "32", "--height", "32"]) == 0
     assert read_video_info(out)[0] == 32
 
@@ -83,7 +83,7 @@ def test_bad_input_gives_one_line_and_no_output(tmp_path, case, capsys):
     if "--output" not in args:
         args += ["--output", str(tmp_path / "out.mp4")]
     before = {p.name for p in tmp_path.iterdir()}
-    code = main(["generate", *args, "--quiet"])
+    code = main(["generate", "--preset", "tiny", *args, "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("longstream: error: ") and message in err[0]
@@ -112,7 +112,7 @@ def test_train_then_generate_from_its_checkpoint(tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000003" / "model.safetensors"
     assert ckpt.is_file()
     out = tmp_path / "t.mp4"
-    assert main(["generate", "--prompt", "a red ball", "--seconds", "0.5", "--checkpoint", str(ckpt),
+    assert main(["generate", "--preset", "tiny", "--prompt", "a red ball", "--seconds", "0.5", "--checkpoint", str(ckpt),
                  "--output", str(out), "--width", "32", "--height", "32", "--quiet"]) == 0
     assert read_video_info(out)[0] == 8
 
@@ -172,7 +172,7 @@ def test_sequence_parallel_generate_under_torchrun(tmp_path):
     torchrun = shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun is not on PATH")
-    args = ["generate", "--prompt", "a red ball", "--prompt", "a blue ball", "--seconds", "1", "--quiet",
+    args = ["generate", "--preset", "tiny", "--prompt", "a red ball", "--prompt", "a blue ball", "--seconds", "1", "--quiet",
             "--width", "32", "--height", "32"]
     result = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "longstream.cli", *args, "--sp", "2",
                              "--output", str(tmp_path / "sp.mp4")], capture_output=True, text=True, timeout=600)
@@ -184,6 +184,6 @@ def test_sequence_parallel_generate_under_torchrun(tmp_path):
 
 
 def test_sp_without_torchrun_is_one_line(tmp_path, capsys):
-    assert main(["generate", "--prompt", "x", "--sp", "2", "--output", str(tmp_path / "o.mp4")]) == 2
+    assert main(["generate", "--preset", "tiny", "--prompt", "x", "--sp", "2", "--output", str(tmp_path / "o.mp4")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "torchrun" in err[0]

@@ -141,8 +141,8 @@ def test_dmd_lora_run_resumes_exactly_and_its_adapter_loads(tmp_path):
     assert sorted(p.name for p in ckpt.iterdir()) == ["critic.safetensors", "lora.safetensors", "optimizer.pt",
                                                        "state.json"]
     out = tmp_path / "two_step.mp4"
-    assert main(["generate", "--prompt", "a red ball", "--seconds", "0.5", "--steps", "2", "--quiet",
-                 "--checkpoint", str(tmp_path / "gen.safetensors"), "--lora", str(ckpt / "lora.safetensors"),
+    assert main(["generate", "--preset", "tiny", "--prompt", "a red ball", "--seconds", "0.5", "--steps", "2",
+                 "--quiet", "--checkpoint", str(tmp_path / "gen.safetensors"), "--lora", str(ckpt / "lora.safetensors"),
                  "--width", "32", "--height", "32", "--output", str(out)]) == 0
     assert out.is_file()
 

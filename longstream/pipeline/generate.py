@@ -11,23 +11,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKLWan
 
 from ..config import Preset, get_preset
 from ..devices import resolve_device
 from ..errors import UsageError
 from ..model.transformer import CausalWanTransformer
 from ..text.encoders import HashTextEncoder
-from .shots import ChunkPlan, Shot, load_shots, plan_chunks, shots_from_prompts
-from .stream import ShotPlan, StreamingGenerator
 from ..vae import StreamingDecoder, build_vae
 from ..vae.async_decode import AsyncDecoder
+from ..vae.checkpoints import load_vae
+from ..vae.fast import accelerate
+from .shots import ChunkPlan, Shot, load_shots, plan_chunks, shots_from_prompts
+from .stream import ShotPlan, StreamingGenerator
 from .video_io import StreamingMP4Writer
 
 
 @dataclass
 class GenerateRequest:
     output: str
-    preset: str = "tiny"
+    preset: str = "embedded"
     prompts: list[str] | None = None
     prompts_file: str | None = None
     seconds: float | None = None  # with prompts: default 4
@@ -82,7 +85,50 @@ def _transformer(req: GenerateRequest, preset: Preset, device: torch.device, dty
     return CausalWanTransformer(preset.transformer).to(device=device, dtype=dtype)
 
 
+def with_embedded_weights(req: GenerateRequest) -> GenerateRequest:
+    """The embedded preset without --checkpoint uses the shipped weights (and, for 2 steps, the shipped LoRA)."""
+    if req.preset != "embedded" or req.checkpoint:
+        return req
+    from .. import assets
+
+    lora = req.lora or (str(assets.embedded_file(assets.LORA_2STEP)) if req.steps == 2 else None)
+    return dataclasses.replace(req, checkpoint=str(assets.embedded_file(assets.TRANSFORMER)), lora=lora)
+
+
+def _vae(preset: Preset, device: torch.device):
+    if preset.name == "embedded":
+        from .. import assets
+
+        vae = load_vae(assets.embedded_file(assets.VAE), device=device)
+    else:
+        vae = build_vae(preset.vae.kind).to(device=device, dtype=torch.float32).eval()
+    return accelerate(vae)
+
+
+@dataclass
+class Models:
+    transformer: CausalWanTransformer
+    vae: AutoencoderKLWan
+    encoder: HashTextEncoder
+
+
+def load_models(req: GenerateRequest, preset: Preset, device: torch.device) -> Models:
+    """Transformer (with --lora and --linear applied), VAE and text encoder of a request, in eval mode."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = _transformer(req, preset, device, dtype).eval()
+    if req.lora:
+        from ..model.lora import load_lora
+
+        load_lora(model, req.lora)
+    if req.linear != "bf16":
+        from ..quant import quantize_model
+
+        quantize_model(model, req.linear)
+    return Models(model, _vae(preset, device), HashTextEncoder(preset.transformer.text_dim))
+
+
 def generate_video(req: GenerateRequest) -> Path:
+    req = with_embedded_weights(req)
     preset = get_preset(req.preset)
     shots = _shots(req)
     height = preset.height if req.height is None else req.height
@@ -108,22 +154,10 @@ def generate_video(req: GenerateRequest) -> Path:
         device, shard, writes = ctx.device, StreamShard(ctx.sp_group, req.kv_cache), ctx.rank == 0
     else:
         device = resolve_device(req.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-
-    model = _transformer(req, preset, device, dtype).eval()
-    if req.lora:
-        from ..model.lora import load_lora
-
-        load_lora(model, req.lora)
-    if req.linear != "bf16":
-        from ..quant import quantize_model
-
-        quantize_model(model, req.linear)
-    vae = build_vae(preset.vae.kind).to(device=device, dtype=torch.float32).eval()
-    decoder = StreamingDecoder(vae, normalized=True, frames_per_call=4)
-    encoder = HashTextEncoder(preset.transformer.text_dim)
-    plans = [ShotPlan(encoder.encode([s.prompt]), n) for s, n in zip(shots, plan.chunks_per_shot)]
-    generator = StreamingGenerator(model, stream, latent_hw, kv_storage=req.kv_cache, shard=shard)
+    models = load_models(req, preset, device)
+    decoder = StreamingDecoder(models.vae, normalized=True, frames_per_call=4)
+    plans = [ShotPlan(models.encoder.encode([s.prompt]), n) for s, n in zip(shots, plan.chunks_per_shot)]
+    generator = StreamingGenerator(models.transformer, stream, latent_hw, kv_storage=req.kv_cache, shard=shard)
     noise = torch.Generator().manual_seed(req.seed)
     if not writes:  # other sequence-parallel ranks: take part in every pass, write nothing
         for _ in generator.generate(plans, generator=noise):

@@ -86,6 +86,7 @@ class LatentClipDataset:
         if not self.examples:
             raise DataError(f"{self.root}: no shot has {clip_frames} latent frames or more")
         self.clip_frames = clip_frames
+        self._files: dict[Path, torch.Tensor] = {}
 
     @staticmethod
     def _latent_shape(path: Path) -> tuple[int, ...]:
@@ -102,9 +103,9 @@ class LatentClipDataset:
 
     def load(self, i: int) -> tuple[torch.Tensor, str]:
         ex = self.examples[i]
-        tensors, _ = read_safetensors(ex.file)
-        latents = tensors["latents"][:, ex.start : ex.start + self.clip_frames].float()
-        return latents, ex.prompt
+        if ex.file not in self._files:  # clip files are written once (atomically): keep them in memory
+            self._files[ex.file] = read_safetensors(ex.file)[0]["latents"].float()
+        return self._files[ex.file][:, ex.start : ex.start + self.clip_frames], ex.prompt
 
     def batch_indices(self, step: int, batch_size: int, seed: int) -> list[int]:
         """Indices of step `step`'s batch: consecutive items of per-epoch seeded permutations."""

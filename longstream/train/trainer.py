@@ -36,21 +36,36 @@ from ..text.encoders import HashTextEncoder
 from .data import LatentClipDataset
 from .objectives import flow_matching_loss, teacher_forcing_loss
 
-OBJECTIVES = ("flow_matching", "teacher_forcing", "dmd")
+OBJECTIVES = ("flow_matching", "teacher_forcing", "dmd", "vae")
 
 
 class TrainingError(LongstreamError):
     """A run that cannot go on (diverged loss, unusable checkpoint)."""
 
 
+def run_weights(path: str | Path, names: tuple[str, ...] = ("ema.safetensors", "model.safetensors")) -> Path:
+    """`path` itself when it is a file; for a run folder, the first of `names` in its latest complete checkpoint
+    (by default the EMA weights when the run kept them, else the model)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    ckpts = sorted(p for p in (path / "checkpoints").glob("step_*") if (p / "state.json").is_file())
+    if not ckpts:
+        raise TrainingError(f"{path}: neither a weights file nor a run folder with a complete checkpoint")
+    for name in names:
+        if (ckpts[-1] / name).is_file():
+            return ckpts[-1] / name
+    raise TrainingError(f"{ckpts[-1]}: holds none of {', '.join(names)}")
+
+
 @dataclass
 class TrainConfig:
     objective: str
-    data: str
-    output: str
+    data: str | None = None  # latent dataset folder (not used by `vae`, which renders the procedural world)
+    output: str = ""
     preset: str = "tiny"
-    init: str | None = None  # transformer checkpoint to start from (e.g. the bidirectional model for TF)
-    teacher: str | None = None  # dmd: the real-score model (the bidirectional base)
+    init: str | None = None  # weights to start from (a file, or a run folder: see run_weights)
+    teacher: str | None = None  # dmd: the real-score model (the bidirectional base; file or run folder)
     negative_prompt: str | None = None  # dmd with guidance: the teacher's negative prompt
     dmd: dict | None = None  # dmd: DMDConfig settings (steps, guidance_scale, critic_lr, ...)
     lora: dict | None = None  # dmd: train only a LoRA (LoRAConfig settings), e.g. the 4 -> 2-step adapter
@@ -65,6 +80,9 @@ class TrainConfig:
     shift: float = 5.0
     ema: float = 0.0  # decay; 0 turns EMA off
     gemm: str = "bf16"
+    kl_weight: float = 1e-6  # vae: weight of the KL term (clip_frames counts video frames, 1 + 4k)
+    crop: int = 0  # vae: train on random crop x crop windows of the rendered frames (0: whole frames)
+    max_seconds: float = 0.0  # stop (with a checkpoint) after this much training time; 0: no limit
     save_every: int = 500
     log_every: int = 10
     seed: int = 0
@@ -74,7 +92,8 @@ class TrainConfig:
         for name, kind in (("steps", int), ("batch_size", int), ("grad_accum", int), ("clip_frames", int),
                            ("save_every", int), ("log_every", int), ("seed", int), ("warmup_steps", int),
                            ("lr", (int, float)), ("weight_decay", (int, float)), ("shift", (int, float)),
-                           ("ema", (int, float))):
+                           ("ema", (int, float)), ("kl_weight", (int, float)), ("max_seconds", (int, float)),
+                           ("crop", int)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise ConfigError(f"{name} must be a number, got {value!r}")
@@ -82,6 +101,12 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be finite and >= 0, got {value!r}")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if not self.output:
+            raise ConfigError("output (the run's folder) is required")
+        if self.objective != "vae" and not self.data:
+            raise ConfigError(f"objective {self.objective} needs data (a latent dataset folder)")
+        if self.objective == "vae" and (self.clip_frames - 1) % 4:
+            raise ConfigError(f"objective vae trains on 1 + 4k video frames: clip_frames {self.clip_frames} is not")
         for name in ("steps", "batch_size", "grad_accum", "clip_frames", "save_every", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -113,7 +138,7 @@ class TrainConfig:
         base = path.parent
         for key in ("data", "output", "init", "teacher"):  # relative paths are relative to the config file
             if isinstance(data.get(key), str) and not os.path.isabs(data[key]):
-                data[key] = str(base / data[key])
+                data[key] = os.path.normpath(base / data[key])
         try:
             return cls(**data)
         except TypeError as exc:
@@ -125,12 +150,13 @@ class Trainer:
         self.cfg = config
         self.preset = get_preset(config.preset)
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights, TF32 tensor-core matmuls
         self.chunk_frames = config.chunk_frames or self.preset.stream.chunk_frames
-        if config.objective != "flow_matching" and config.clip_frames % self.chunk_frames:
+        if config.objective in ("teacher_forcing", "dmd") and config.clip_frames % self.chunk_frames:
             raise ConfigError(f"clip_frames ({config.clip_frames}) must be a multiple of chunk_frames "
                               f"({self.chunk_frames}) for {config.objective}")
-        self.data = LatentClipDataset(config.data, clip_frames=config.clip_frames,
-                                      channels=self.preset.transformer.in_channels)
+        self.data = self._build_data()
         self.text = HashTextEncoder(self.preset.transformer.text_dim)
         self._text_cache: dict[str, torch.Tensor] = {}
         self.out = Path(config.output)
@@ -147,10 +173,14 @@ class Trainer:
             )
         self.step = 0
 
-    def _build_model(self) -> CausalWanTransformer:
+    def _build_data(self) -> LatentClipDataset | None:
+        return LatentClipDataset(self.cfg.data, clip_frames=self.cfg.clip_frames,
+                                 channels=self.preset.transformer.in_channels)
+
+    def _build_model(self) -> torch.nn.Module:
         torch.manual_seed(self.cfg.seed)
         if self.cfg.init:
-            model = load_transformer(self.cfg.init, expected=self.preset.transformer)
+            model = load_transformer(run_weights(self.cfg.init), expected=self.preset.transformer)
         else:
             model = CausalWanTransformer(self.preset.transformer)
         model = model.to(self.device).train()
@@ -164,7 +194,7 @@ class Trainer:
         from ..model.lora import LoRAConfig
         from .dmd import DMDConfig, DMDTrainer
 
-        teacher = load_transformer(self.cfg.teacher, expected=self.preset.transformer).to(self.device)
+        teacher = load_transformer(run_weights(self.cfg.teacher), expected=self.preset.transformer).to(self.device)
         settings = dict(self.cfg.dmd or {})
         if self.cfg.lora:
             settings["lora"] = LoRAConfig(**self.cfg.lora)
@@ -256,7 +286,8 @@ class Trainer:
         start_time = time.time()
         try:
             with tqdm(total=target, initial=self.step, unit="step", disable=not progress) as bar:
-                while self.step < target:
+                while self.step < target and not (self.cfg.max_seconds
+                                                  and time.time() - start_time >= self.cfg.max_seconds):
                     loss = self.train_step()
                     losses.append(loss)
                     bar.update(1)
@@ -269,6 +300,8 @@ class Trainer:
                             board.add_scalar("loss", loss, self.step)
                     if self.step % self.cfg.save_every == 0 or self.step == target:
                         self.save()
+            if losses and self._complete_checkpoints()[-1:] != [self.ckpt_dir / f"step_{self.step:08d}"]:
+                self.save()  # stopped by max_seconds between checkpoints
         finally:
             log.close()
             if board is not None:
@@ -291,9 +324,9 @@ class Trainer:
         if self.dmd is not None and self.dmd.cfg.lora is not None:
             self.dmd.save_lora(tmp / "lora.safetensors")  # only the adapter is trained
         else:
-            save_transformer(self.model, tmp / "model.safetensors")
+            self._save_model(self.model, tmp / "model.safetensors")
         if self.ema is not None and not (self.dmd is not None and self.dmd.cfg.lora is not None):
-            save_transformer(self.ema, tmp / "ema.safetensors")
+            self._save_model(self.ema, tmp / "ema.safetensors")
         if self.dmd is not None:
             save_transformer(self.dmd.critic, tmp / "critic.safetensors")
             optim = {"generator": self.opt.state_dict(), "critic": self.dmd.critic_opt.state_dict()}
@@ -340,8 +373,53 @@ class Trainer:
         self.step = int(state["step"])
         return True
 
+    def _save_model(self, model: torch.nn.Module, path: Path) -> None:
+        save_transformer(model, path)
+
     def _load_into(self, model: torch.nn.Module, path: Path) -> None:
         model.load_state_dict(load_transformer(path, expected=self.preset.transformer).state_dict(), strict=True)
+
+
+class VAETrainer(Trainer):
+    """`objective: vae`: the preset's video VAE on rendered world clips (`vae_objective.py`); the checkpoint's
+    `model.safetensors` is a VAE file (`vae/checkpoints.py`)."""
+
+    def _build_data(self) -> None:
+        crop, size, factor = self.cfg.crop, self.preset.height, self.preset.vae.spatial
+        if crop and (crop > size or crop % factor):
+            raise ConfigError(f"crop {crop} must be a multiple of {factor} and at most the frame size {size}")
+        return None
+
+    def _build_model(self) -> torch.nn.Module:
+        from ..vae import build_vae
+
+        return build_vae(self.preset.vae.kind, seed=self.cfg.seed).to(self.device).train()
+
+    def _micro_batches(self, step: int) -> list[tuple[torch.Tensor, None]]:
+        from .vae_objective import world_videos
+
+        return [(world_videos(self.cfg.seed, step, micro, self.cfg.batch_size, self.cfg.clip_frames,
+                              self.preset.height, self.cfg.crop).to(self.device), None)
+                for micro in range(self.cfg.grad_accum)]
+
+    def loss(self, video: torch.Tensor, text: None, generator: torch.Generator) -> torch.Tensor:
+        from .vae_objective import vae_loss
+
+        return vae_loss(self.model, video, kl_weight=self.cfg.kl_weight)
+
+    def _save_model(self, model: torch.nn.Module, path: Path) -> None:
+        from ..vae.checkpoints import save_vae
+
+        save_vae(model, path)
+
+    def _load_into(self, model: torch.nn.Module, path: Path) -> None:
+        from ..vae.checkpoints import load_vae
+
+        model.load_state_dict(load_vae(path).state_dict(), strict=True)
+
+
+def make_trainer(config: TrainConfig) -> Trainer:
+    return VAETrainer(config) if config.objective == "vae" else Trainer(config)
 
 
 def _tensorboard(folder: Path):
@@ -354,6 +432,6 @@ def _tensorboard(folder: Path):
 
 
 def train_from_config(path: str | Path, steps: int | None = None, progress: bool = True) -> Path:
-    trainer = Trainer(TrainConfig.from_yaml(path))
+    trainer = make_trainer(TrainConfig.from_yaml(path))
     trainer.run(steps, progress=progress)
     return trainer.ckpt_dir

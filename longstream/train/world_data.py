@@ -1,0 +1,77 @@
+"""`longstream world`: render procedural-world clips and encode them into a latent dataset (`data.py` format).
+
+Steps, all resumable:
+1. latent statistics: the per-channel mean and std of the VAE's posterior means over the first `stats_clips`
+   clips; the VAE is written with them to `OUT/vae.safetensors` (these statistics define "model space", so
+   every later stage and generation uses this file);
+2. clips `clip_00000` .. : rendered (`world.sample_clip`, seed = clip number + `seed`), encoded in batches with
+   that VAE into model-space latents, each written atomically before its index line (clips already indexed are
+   skipped).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..vae import encode_chunked, num_latent_frames
+from ..vae.checkpoints import load_vae, save_vae
+from .data import write_clip
+from .precompute import done_clips
+from .world import sample_clip
+
+VAE_FILE = "vae.safetensors"
+
+
+def _render(first: int, count: int, frames: int, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    clips = [sample_clip(seed + i, frames, size) for i in range(first, first + count)]
+    return torch.stack([video for video, _ in clips]), [shots[0][0] for _, shots in clips]
+
+
+@torch.no_grad()
+def latent_statistics(vae, clips: int, frames: int, size: int, seed: int, batch: int = 16
+                      ) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the posterior means (VAE space) over `clips` world clips."""
+    param = next(vae.parameters())
+    total = total_sq = None
+    count = 0
+    for first in range(0, clips, batch):
+        video, _ = _render(first, min(batch, clips - first), frames, size, seed)
+        z = vae.encode(video.to(param.device, param.dtype)).latent_dist.mean.double()
+        s, sq = z.sum(dim=(0, 2, 3, 4)), (z * z).sum(dim=(0, 2, 3, 4))
+        total, total_sq = (s, sq) if total is None else (total + s, total_sq + sq)
+        count += z.numel() // z.shape[1]
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+def build_world_dataset(vae_path: str | Path, out: str | Path, *, clips: int, frames: int, size: int = 128,
+                        seed: int = 0, stats_clips: int = 64, batch: int = 16, device: str | torch.device = "cpu",
+                        progress: bool = True) -> Path:
+    """Write (or complete) the dataset folder `out`; returns it. `frames` = 1 + 4k video frames per clip."""
+    num_latent_frames(frames)  # validates 1 + 4k
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / VAE_FILE).is_file():
+        vae = load_vae(vae_path, device=device)
+        mean, std = latent_statistics(vae, stats_clips, frames, size, seed)
+        save_vae(vae, out / VAE_FILE, latents_mean=mean, latents_std=std)
+    vae = load_vae(out / VAE_FILE, device=device)
+    done = done_clips(out)
+    with torch.no_grad(), tqdm(total=clips, unit="clip", disable=not progress, desc="encode") as bar:
+        for first in range(0, clips, batch):
+            count = min(batch, clips - first)
+            names = [f"clip_{i:05d}" for i in range(first, first + count)]
+            if all(f"{n}.safetensors" in done for n in names):
+                bar.update(count)
+                continue
+            video, prompts = _render(first, count, frames, size, seed)
+            latents = encode_chunked(vae, video.to(device), num_latent_frames(frames), normalized=True).cpu()
+            for name, z, prompt in zip(names, latents, prompts):
+                if f"{name}.safetensors" not in done:
+                    write_clip(out, name, z, [(prompt, 0, z.shape[1])])
+            bar.update(count)
+    return out

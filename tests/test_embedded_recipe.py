@@ -1,0 +1,137 @@
+"""The embedded model's recipe: VAE training on the world, the latent world dataset, run folders as weights,
+time-limited stages, and `longstream eval`'s scoring."""
+
+import json
+
+import pytest
+import torch
+
+from longstream.errors import LongstreamError
+from longstream.train.data import LatentClipDataset
+from longstream.train.trainer import TrainConfig, VAETrainer, make_trainer, run_weights
+from longstream.train.vae_objective import world_videos
+from longstream.train.world import parse_prompt
+from longstream.vae import build_vae, normalize
+from longstream.vae.checkpoints import load_vae, save_vae
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def vae_config(tmp_path, **kw):
+    base = dict(objective="vae", output=str(tmp_path / "vae"), preset="tiny", steps=60, batch_size=2, clip_frames=5,
+                crop=16, lr=3e-3, save_every=30, log_every=10, seed=2, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_world_videos_are_deterministic_crops():
+    a = world_videos(1, 5, 0, 3, 5, 128, crop=32)
+    assert a.shape == (3, 3, 5, 32, 32) and a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, world_videos(1, 5, 0, 3, 5, 128, crop=32))
+    assert not torch.equal(a, world_videos(1, 6, 0, 3, 5, 128, crop=32))
+
+
+def test_vae_objective_learns_and_its_checkpoint_is_a_vae_file(tmp_path):
+    trainer = make_trainer(vae_config(tmp_path))
+    assert isinstance(trainer, VAETrainer)
+    losses = trainer.run(progress=False)
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.8 * first, (first, last)
+    weights = run_weights(tmp_path / "vae", ("model.safetensors",))
+    assert weights.parent.name == "step_00000060"
+    loaded = load_vae(weights)
+    for a, b in zip(loaded.state_dict().values(), trainer.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_vae_resume_repeats_an_uninterrupted_run(tmp_path):
+    straight = make_trainer(vae_config(tmp_path, steps=4, save_every=2, output=str(tmp_path / "a"))).run(
+        progress=False)
+    make_trainer(vae_config(tmp_path, steps=2, save_every=2, output=str(tmp_path / "b"))).run(progress=False)
+    resumed = make_trainer(vae_config(tmp_path, steps=4, save_every=2, output=str(tmp_path / "b"))).run(
+        progress=False)
+    assert resumed == pytest.approx(straight[2:], rel=1e-5)
+
+
+def test_max_seconds_stops_with_a_checkpoint(tmp_path):
+    trainer = make_trainer(vae_config(tmp_path, steps=10_000, save_every=10_000, max_seconds=0.5))
+    losses = trainer.run(progress=False)
+    assert 0 < len(losses) < 10_000
+    assert run_weights(tmp_path / "vae", ("model.safetensors",)).parent.name == f"step_{len(losses):08d}"
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(clip_frames=6), "1 \\+ 4k"),
+    (dict(crop=20), "multiple of 8"),
+    (dict(objective="flow_matching"), "needs data"),
+    (dict(output=""), "output"),
+])
+def test_bad_vae_settings(tmp_path, kw, message):
+    with pytest.raises(LongstreamError, match=message):
+        make_trainer(vae_config(tmp_path, **kw))
+
+
+def test_run_weights_prefers_ema_and_reports_empty_runs(tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints"
+    for step, files in ((1, ["model.safetensors", "ema.safetensors"]), (2, ["model.safetensors"])):
+        folder = ckpt / f"step_{step:08d}"
+        folder.mkdir(parents=True)
+        for f in files + ["state.json"]:
+            (folder / f).write_text("x")
+    (ckpt / "step_00000003").mkdir()  # incomplete: no state.json
+    assert run_weights(tmp_path / "run") == ckpt / "step_00000002" / "model.safetensors"
+    assert run_weights(ckpt / "step_00000001" / "ema.safetensors").name == "ema.safetensors"
+    with pytest.raises(LongstreamError, match="neither a weights file"):
+        run_weights(tmp_path / "empty")
+
+
+def test_world_dataset_is_normalized_and_resumable(tmp_path):
+    from longstream.train.world_data import VAE_FILE, build_world_dataset
+
+    vae = build_vae("test-wan2.1", seed=5)
+    save_vae(vae, tmp_path / "vae.safetensors")
+    out = build_world_dataset(tmp_path / "vae.safetensors", tmp_path / "world", clips=5, frames=9, size=32,
+                              stats_clips=5, batch=2, progress=False)
+    fitted = load_vae(out / VAE_FILE)
+    data = LatentClipDataset(out, clip_frames=3, channels=16)
+    assert len(data) == 5
+    latents = torch.stack([data.load(i)[0] for i in range(5)])  # [5, 16, 3, 4, 4]
+    assert latents.mean(dim=(0, 2, 3, 4)).abs().max() < 1e-3  # the statistics are fitted on these same clips
+    assert (latents.std(dim=(0, 2, 3, 4), unbiased=False) - 1).abs().max() < 1e-3
+    parse_prompt(data.load(0)[1])  # prompts come from the world's grammar
+    from longstream.train.world import sample_clip
+
+    video = sample_clip(0, 9, 32)[0][None]
+    with torch.no_grad():
+        expected = normalize(fitted, fitted.encode(video).latent_dist.mean)
+    assert torch.allclose(data.load(0)[0], expected[0], atol=1e-5)
+    assert build_world_dataset(tmp_path / "vae.safetensors", out, clips=5, frames=9, size=32, batch=2,
+                               progress=False) == out
+    assert len((out / "clips.jsonl").read_text().splitlines()) == 5  # nothing encoded twice
+
+
+def test_eval_scores_the_world_perfectly_and_states_chance(tmp_path):
+    from longstream.eval.world_eval import eval_set, evaluate, format_table
+
+    evals = eval_set(2, 2, seed=3)
+    assert evals == eval_set(2, 2, seed=3)
+    result = evaluate(evals, ["bf16"], preset_name="tiny", shot_chunks=2, device="cpu", progress=False)
+    world = result["rows"]["world"]
+    assert world["colour"] == world["shape"] == world["switch"] == 100.0
+    assert result["chance"]["colour"] == pytest.approx(100 / 7, abs=0.1)
+    assert set(result["rows"]["bf16"]) == set(world)
+    assert "chance" in format_table(result)
+    json.dumps(result)
+
+
+def test_eval_rejects_unknown_modes():
+    from longstream.eval.world_eval import eval_set, evaluate
+
+    with pytest.raises(LongstreamError, match="unknown mode"):
+        evaluate(eval_set(1, 1), ["int3"], preset_name="tiny", device="cpu", progress=False)
