@@ -1,4 +1,4 @@
-"""`longstream` command line: generate | train | world | eval | lora | convert | info."""
+"""`longstream` command line: generate | train | world | eval | lora | convert | bench | info."""
 
 from __future__ import annotations
 
@@ -204,6 +204,56 @@ def _run_convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.output} (from {fmt}{', ' + args.quantize if args.quantize else ''})")
 
 
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks: end-to-end streaming throughput",
+                       description="Measure the streaming pipeline on this machine.")
+    bsub = p.add_subparsers(dest="bench_command", required=True, metavar="ACTION")
+    e = bsub.add_parser(
+        "e2e", help="FPS, time to first frame, memory and a per-component breakdown of DiT + VAE streaming",
+        description="Stream chunks with random weights and measure steady-state video FPS, DiT FPS, time to first "
+        "frame, peak GPU memory, a per-chunk breakdown (linears, attention, cache-write pass, VAE, other), the "
+        "latent error against eager bf16 with a dense KV cache, and the roofline ceiling. Comma lists make a sweep: "
+        "every combination is one row. Method: longstream/bench/e2e.py.",
+    )
+    e.add_argument("--preset", default="wan2.2-ti2v-5b", choices=sorted(PRESETS),
+                   help="model preset (default wan2.2-ti2v-5b)")
+    e.add_argument("--height", type=int, help="video height (default: the preset's)")
+    e.add_argument("--width", type=int, help="video width (default: the preset's)")
+    e.add_argument("--chunks", type=_positive_int, default=12,
+                   help="chunks per timed stream; measured from the first at a full KV window (default 12)")
+    e.add_argument("--steps", help="sampling steps, comma list (default: the preset's)")
+    e.add_argument("--linear", default="bf16", help="linear formats, comma list of bf16, fp8, nvfp4 (default bf16)")
+    e.add_argument("--kv-cache", default="dense",
+                   help="KV-cache storage, comma list of dense, fp8, nvfp4 (default dense)")
+    e.add_argument("--async-decode", default="on",
+                   help="VAE decode on a worker overlapping the DiT, comma list of on, off (default on)")
+    e.add_argument("--no-vae", action="store_true", help="time the DiT alone (no VAE built)")
+    e.add_argument("--compile", nargs="?", const="max-autotune-no-cudagraphs", metavar="MODE",
+                   help="torch.compile each transformer pass: max-autotune-no-cudagraphs (without MODE) or default")
+    e.add_argument("--text-tokens", type=_positive_int, default=512,
+                   help="prompt embedding length (default 512, umT5's)")
+    e.add_argument("--seed", type=int, default=0, help="noise and prompt seed (default 0)")
+    e.add_argument("--peak-tflops", metavar="FORMAT=TFLOPS,...",
+                   help="roofline compute peaks per linear format (default bf16=780,fp8=1300,nvfp4=780: H100)")
+    e.add_argument("--peak-tbps", type=float, help="roofline memory bandwidth in TB/s (default 3.0)")
+    e.add_argument("--json", metavar="FILE", help="also write the results as JSON (rewritten after every row)")
+    e.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    e.add_argument("--quiet", action="store_true", help="no per-row progress lines")
+    e.set_defaults(run=_run_bench_e2e)
+
+
+def _run_bench_e2e(args: argparse.Namespace) -> None:
+    from .bench.e2e import E2ERequest, format_table, run_e2e
+
+    result = run_e2e(E2ERequest(
+        preset=args.preset, height=args.height, width=args.width, chunks=args.chunks, steps=args.steps,
+        linear=args.linear, kv_cache=args.kv_cache, async_decode=args.async_decode, vae=not args.no_vae,
+        compile=args.compile, text_tokens=args.text_tokens, seed=args.seed, peak_tflops=args.peak_tflops,
+        peak_tbps=args.peak_tbps, json=args.json, device=args.device, progress=not args.quiet,
+    ))
+    print(format_table(result))
+
+
 def _run_info(args: argparse.Namespace) -> None:
     for name, preset in PRESETS.items():
         t, s = preset.transformer, preset.stream
@@ -227,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     _lora_parser(sub)
     _convert_parser(sub)
+    _bench_parser(sub)
     info = sub.add_parser("info", help="list the model presets", description="List the model presets.")
     info.set_defaults(run=_run_info)
     return parser

@@ -1,0 +1,666 @@
+"""`longstream bench e2e`: end-to-end streaming throughput of the DiT and the VAE, one row per configuration.
+
+    longstream bench e2e                                    # wan2.2-ti2v-5b, 704x1280, 12 chunks, one row
+    longstream bench e2e --steps 4,2 --linear bf16,fp8,nvfp4 --kv-cache dense,fp8,nvfp4 --async-decode on,off \
+        --json e2e.json                                     # the full sweep: 36 rows
+    longstream bench e2e --preset tiny --chunks 5 --device cpu    # CPU smoke run
+
+Comma lists make a sweep; every combination is one row, and a row streams first_measured_chunk + 2 chunks (the
+profiled pass) and then --chunks chunks (the timed pass): split long sweeps into several commands, the JSON
+holds every finished row. Weights are random and seeded (the same weights in every row, quantized in fp8 and
+nvfp4 rows), with the preset's resolution (or --height/--width), chunk, window and sink; one prompt of
+--text-tokens random embedding tokens (512, umT5's padded length) and one noise seed, so every row denoises the
+same noise. Compute in bf16 on a GPU (float32 on a CPU). The VAE has random weights and decodes with
+`StreamingDecoder`, 4 latent frames a call as in `longstream generate`, in the compute dtype (generate decodes in
+float32).
+
+Per row, on a model built (and quantized, and compiled) once per linear format:
+
+1. Profiled pass, which is also the warm-up (Triton JIT, cuDNN plans, torch.compile): chunks up to one past the
+   first chunk at a full KV window, decoded in sequence; the last chunk runs under torch.profiler between two
+   device syncs. Breakdown of that chunk (ms):
+   - `linears`: every Linear / QuantLinear call of the denoising passes (activation quantization included);
+   - `attention`: every `KVCache.attend` call of the denoising passes (K/V write with its quantization, the cache
+     read with its dequantization, SDPA) and the cross-attention SDPA;
+   - `cache_write`: the whole pass at t = 0 that writes the chunk's K/V;
+   - `vae`: streaming decode and the copy of uint8 frames to the host;
+   - `other`: the chunk's wall time minus the above (norms, RoPE, modulation, sampler arithmetic, launch gaps and
+     host overhead).
+   Components are labelled with `torch.profiler.record_function` (wrappers put on the Linear modules, the caches'
+   `attend`, the cache-writing pass and the decode for this pass only); aten linear ops (linear, addmm, mm, bmm,
+   matmul, _scaled_mm) and SDPA ops outside any label count as linears and attention. On a GPU a component's time
+   is the summed duration of the kernels launched inside it, so GPU idle time lands in `other`; on a CPU it is the
+   component's wall time. Two more GPU figures check the attribution: `kernels` (all kernel time of the chunk) and
+   `unlinked` (kernel time the profiler tied to no CPU event, which therefore counts in `other`). With --compile the
+   Linear and attend wrappers are left off (they would run inside the compiled code): linears and attention are
+   then the aten GEMM and SDPA ops that the compiled code calls, while GEMMs that inductor generates as Triton
+   templates, and fused kernels, count as `other`.
+2. Timed pass: a fresh stream of --chunks chunks decoded as the row says (sequentially, or on `AsyncDecoder`'s
+   worker, on its own CUDA stream), with no host sync added by the benchmark: CUDA events around each chunk's
+   DiT work on the generating stream, and a host timestamp when a chunk's frames reach the host as uint8 (what
+   the MP4 writer receives, converted on the device; MP4 encoding is not timed). Measured: the chunks from the
+   first at a full window on.
+   - `video_fps`: their decoded frames / host time from the delivery of the chunk before them to the last delivery;
+   - `dit_fps`: the same chunks' video frames (chunk_frames * VAE temporal factor each) / their summed DiT time,
+     as the paper counts generation FPS;
+   - `first_frame_s`: host time from the start of the stream (prompt projection included) to the first frames on
+     the host; `first_chunk_s`: DiT time of the first chunk;
+   - `peak_memory_gib`: `torch.cuda.max_memory_allocated` over the timed pass, weights included (null on a CPU);
+   - `latent_rel_error`: ||z - z_ref|| / ||z_ref|| over every chunk's latents, z_ref from eager bf16 linears with a
+     dense KV cache, the same steps, weights, prompt and noise (0 for that row itself).
+   With --no-vae the VAE is not built: video_fps, first_frame_s and the vae breakdown are null.
+3. Roofline (`longstream.bench.roofline`): FLOPs and bytes per video frame from the config, and the DiT's FPS
+   ceiling for --peak-tflops / --peak-tbps.
+
+--compile [MODE] wraps `CausalWanTransformer.forward_stream` (one transformer pass over a chunk, run steps + 1
+times per chunk) in torch.compile. The default mode, max-autotune-no-cudagraphs, fuses the elementwise work around
+the GEMMs and autotunes the GEMMs; `default` compiles faster without autotuning. CUDA graphs (reduce-overhead) are
+not offered: every pass writes the KV cache in place and the visible cache length grows until the window is full,
+and cudagraph trees reuse output buffers that the generator hands on as a chunk's latents. Each model (one per
+linear format) is compiled afresh, during the profiled passes; it gets a graph per pass kind (denoising or
+cache-writing), cache length (the first chunk's, a dynamic one for the growing cache, the full window's) and KV
+format: about 6 per KV format. A graph break inside a block (the CPU fp8 reference linears check for NaN on the
+host) multiplies that by the layers, as the resumed code is guarded on the layer index. The recompile limit is
+raised to 256 graphs per function and reaching it is an error, so that no row silently falls back to eager.
+
+JSON: the settings (device, torch, preset, height, width, tokens_per_frame, chunk_frames, window_frames,
+sink_frames, chunks, first_measured_chunk, text_tokens, seed, dtype, vae, compile, peak_tflops, peak_tbps) and
+`rows`, each with steps, linear, kv_cache, async_decode (null without VAE), video_fps, dit_fps, chunk_s (steady
+host time per chunk), dit_chunk_s, first_frame_s, first_chunk_s, peak_memory_gib, latent_rel_error, breakdown_ms
+{linears, attention, cache_write, vae, other, chunk, kernels, unlinked} and roofline {flops_per_frame,
+linear_flops_per_frame, attention_flops_per_frame, bytes_per_frame, compute_bound_fps, memory_bound_fps,
+ceiling_fps, bound, dit_fraction}. The file is rewritten after every row, so a stopped sweep keeps its rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from ..config import Preset, StreamConfig, get_preset
+from ..devices import resolve_device
+from ..errors import UsageError
+from ..model.transformer import CausalWanTransformer
+from ..pipeline.stream import ShotPlan, StreamingGenerator
+from ..quant.linear import MODES, QuantLinear, quantize_model
+from ..vae import StreamingDecoder, build_vae
+from ..vae.async_decode import AsyncDecoder
+from ..vae.fast import accelerate
+from .roofline import PEAK_TBPS, PEAK_TFLOPS, ChunkCost, ceiling, chunk_cost
+
+KV_CACHES = ("dense", "fp8", "nvfp4")
+ASYNC_DECODE = {"on": True, "off": False}
+COMPILE_MODES = ("max-autotune-no-cudagraphs", "default")
+RECOMPILE_LIMIT = 256  # graphs per compiled function (see the module docstring)
+
+LINEARS, ATTENTION, CACHE_WRITE, VAE = "linears", "attention", "cache_write", "vae"
+_LABELS = {f"longstream.{name}": name for name in (LINEARS, ATTENTION, CACHE_WRITE, VAE)}
+_LABEL = {name: label for label, name in _LABELS.items()}
+_LINEAR_OPS = {"aten::linear", "aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::_scaled_mm"}
+
+
+@dataclass
+class E2ERequest:
+    """What `longstream bench e2e` was asked; lists are comma-separated strings as on the command line."""
+
+    preset: str = "wan2.2-ti2v-5b"
+    height: int | None = None
+    width: int | None = None
+    chunks: int = 12
+    steps: str | None = None  # None: the preset's
+    linear: str = "bf16"
+    kv_cache: str = "dense"
+    async_decode: str = "on"
+    vae: bool = True
+    compile: str | None = None
+    text_tokens: int = 512
+    seed: int = 0
+    peak_tflops: str | None = None  # "bf16=780,fp8=1300": overrides of PEAK_TFLOPS
+    peak_tbps: float | None = None  # None: PEAK_TBPS
+    json: str | None = None
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class RowConfig:
+    steps: int
+    linear: str
+    kv_cache: str
+    async_decode: bool | None  # None: no VAE
+
+    def is_reference(self) -> bool:
+        return self.linear == "bf16" and self.kv_cache == "dense"
+
+
+@dataclass
+class _Plan:
+    """A validated request: resolved preset, sizes, device and the rows to run."""
+
+    request: E2ERequest
+    preset: Preset
+    height: int
+    width: int
+    latent_hw: tuple[int, int]
+    tokens_per_frame: int
+    first_full: int  # index of the first chunk whose attention sees a full window
+    first_measured: int  # first_full, or 1 (a chunk before it marks the start of the measured time)
+    rows: list[RowConfig]
+    peak_tflops: dict[str, float]
+    peak_tbps: float
+    device: torch.device
+    dtype: torch.dtype = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+
+    def stream(self, steps: int) -> StreamConfig:
+        return dataclasses.replace(self.preset.stream, steps=steps)
+
+    def cost(self, row: RowConfig) -> ChunkCost:
+        return chunk_cost(self.preset.transformer, self.stream(row.steps), self.tokens_per_frame,
+                          text_tokens=self.request.text_tokens, temporal=self.preset.vae.temporal,
+                          linear=row.linear, kv_cache=row.kv_cache, element_bytes=self.dtype.itemsize)
+
+
+def _items(text: str) -> list[str]:
+    return list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+
+
+def parse_list(text: str, flag: str, choices: Sequence[str]) -> list[str]:
+    """Comma-separated values of `flag`, each one of `choices`, duplicates dropped."""
+    items = _items(text)
+    if not items:
+        raise UsageError(f"{flag} needs at least one value from {', '.join(choices)}")
+    for item in items:
+        if item not in choices:
+            raise UsageError(f"unknown {flag} value {item!r}; choose from {', '.join(choices)}")
+    return items
+
+
+def parse_steps(text: str) -> list[int]:
+    """Comma-separated positive step counts."""
+    items = _items(text)
+    if not items or not all(s.isdigit() and int(s) > 0 for s in items):
+        raise UsageError(f"--steps takes positive integers separated by commas, got {text!r}")
+    return [int(s) for s in items]
+
+
+def parse_peaks(text: str | None) -> dict[str, float]:
+    """PEAK_TFLOPS updated by "format=TFLOPS" pairs."""
+    peaks = dict(PEAK_TFLOPS)
+    for item in _items(text or ""):
+        name, _, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if name not in peaks or number <= 0:
+            raise UsageError(f"--peak-tflops takes FORMAT=TFLOPS pairs with FORMAT in {', '.join(peaks)} and a "
+                             f"positive number, got {item!r}")
+        peaks[name] = number
+    return peaks
+
+
+def plan(req: E2ERequest) -> _Plan:
+    """Check a request completely before any model is built."""
+    preset = get_preset(req.preset)
+    height = preset.height if req.height is None else req.height
+    width = preset.width if req.width is None else req.width
+    latent_hw = preset.latent_size(height, width)
+    steps = parse_steps(req.steps) if req.steps is not None else [preset.stream.steps]
+    linears = parse_list(req.linear, "--linear", MODES)
+    kv_caches = parse_list(req.kv_cache, "--kv-cache", KV_CACHES)
+    asyncs = [ASYNC_DECODE[a] for a in parse_list(req.async_decode, "--async-decode", list(ASYNC_DECODE))]
+    if "nvfp4" in kv_caches and preset.transformer.attention_head_dim % 16:
+        raise UsageError(f"--kv-cache nvfp4 needs a head dimension divisible by 16; preset {preset.name} has "
+                         f"{preset.transformer.attention_head_dim}")
+    stream = preset.stream
+    first_full = math.ceil(stream.window_frames / stream.chunk_frames) - 1
+    first_measured = max(first_full, 1)
+    if req.chunks < first_measured + 2:
+        raise UsageError(f"--chunks {req.chunks} is too few: the KV window ({stream.window_frames} latent frames) is "
+                         f"first full at chunk {first_full + 1}; give at least {first_measured + 2} to measure two "
+                         f"full-window chunks")
+    if req.compile is not None and req.compile not in COMPILE_MODES:
+        raise UsageError(f"unknown --compile mode {req.compile!r}; choose from {', '.join(COMPILE_MODES)}")
+    if req.text_tokens < 1:
+        raise UsageError(f"--text-tokens must be at least 1, got {req.text_tokens}")
+    if req.peak_tbps is not None and req.peak_tbps <= 0:
+        raise UsageError(f"--peak-tbps must be positive, got {req.peak_tbps}")
+    if req.json and not Path(req.json).resolve().parent.is_dir():
+        raise UsageError(f"folder of --json {req.json} does not exist")
+    peaks = parse_peaks(req.peak_tflops)
+    device = resolve_device(req.device)
+    if req.compile is not None:
+        _check_compile(req.compile, device)
+    # bf16 linears and the dense cache first: their rows give the other rows' reference latents
+    linears.sort(key=lambda m: m != "bf16")
+    kv_caches.sort(key=lambda m: m != "dense")
+    rows = [RowConfig(s, lin, kv, a if req.vae else None)
+            for lin in linears for kv in kv_caches for s in steps for a in (asyncs if req.vae else [None])]
+    return _Plan(req, preset, height, width, latent_hw, preset.tokens_per_frame(height, width), first_full,
+                 first_measured, rows, peaks, PEAK_TBPS if req.peak_tbps is None else req.peak_tbps, device)
+
+
+def _check_compile(mode: str, device: torch.device) -> None:
+    """Compile a one-line function, so that a missing compiler or backend is one clear error, not a traceback."""
+    try:
+        torch.compile(lambda x: x + 1, mode=mode)(torch.zeros(1, device=device))
+    except Exception as exc:  # any failure means torch.compile cannot run here
+        raise UsageError(f"--compile is not available here: {str(exc).strip().splitlines()[0]}") from None
+
+
+# -- timing helpers -------------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Clock:
+    """Marks on the generating stream without host syncs: CUDA events on a GPU, perf_counter on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def mark(self) -> Any:
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def seconds(self, start: Any, end: Any) -> float:
+        """Time between two marks (after the device has been synchronized)."""
+        return start.elapsed_time(end) / 1000 if self.device.type == "cuda" else end - start
+
+
+def _to_host(frames: torch.Tensor) -> int:
+    """Copy [1, 3, F, H, W] frames in [-1, 1] to the host as uint8 [F, H, W, 3], converted on the device as
+    `video_io.frames_to_uint8` does for the MP4 writer (not imported: it needs PyAV, which the GPU machine lacks);
+    returns F."""
+    u8 = ((frames[0].float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    return u8.permute(1, 2, 3, 0).contiguous().cpu().shape[0]
+
+
+def _labelled(label: str, fn: Callable) -> Callable:
+    def call(*args, **kwargs):
+        with record_function(label):
+            return fn(*args, **kwargs)
+
+    return call
+
+
+@contextlib.contextmanager
+def _labels(model: CausalWanTransformer, detail: bool) -> Iterator[None]:
+    """Label the cache-writing pass and (with `detail`) every linear for the profiler; undone on exit."""
+    saved: list[tuple[object, str, object]] = []
+    missing = object()
+
+    def patch(obj: object, name: str, fn: Callable) -> None:
+        saved.append((obj, name, vars(obj).get(name, missing)))
+        setattr(obj, name, fn)
+
+    forward_stream = model.forward_stream
+
+    def pass_(*args, **kwargs):
+        need_output = kwargs.get("need_output", args[5] if len(args) > 5 else True)
+        if need_output:
+            return forward_stream(*args, **kwargs)
+        with record_function(_LABEL[CACHE_WRITE]):
+            return forward_stream(*args, **kwargs)
+
+    patch(model, "forward_stream", pass_)
+    if detail:
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, QuantLinear)):
+                patch(module, "forward", _labelled(_LABEL[LINEARS], module.forward))
+    try:
+        yield
+    finally:
+        for obj, name, old in reversed(saved):
+            if old is missing:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+
+
+def _label_attention(gen: StreamingGenerator) -> None:
+    """Make `gen`'s caches label their attention calls."""
+    new_cache = gen.new_cache
+
+    def labelled_cache(batch: int):
+        cache = new_cache(batch)
+        cache.attend = _labelled(_LABEL[ATTENTION], cache.attend)
+        return cache
+
+    gen.new_cache = labelled_cache
+
+
+def _category(name: str) -> str | None:
+    if name in _LABELS:
+        return _LABELS[name]
+    if name in _LINEAR_OPS:
+        return LINEARS
+    if "scaled_dot_product" in name or "attention_forward" in name:
+        return ATTENTION
+    return None
+
+
+def _own_kernel_us(event) -> float:
+    return sum(k.duration for k in event.kernels if k.name not in _LABELS)  # GPU user-annotation spans left out
+
+
+def _kernel_us(event) -> float:
+    """Summed duration of the kernels launched inside a profiler event."""
+    return _own_kernel_us(event) + sum(_kernel_us(child) for child in event.cpu_children)
+
+
+def breakdown(events: Sequence, wall_s: float, on_gpu: bool) -> dict[str, float | None]:
+    """Per-category time (ms) of a profiled chunk: the outermost labelled or recognised event of each call
+    tree counts (kernel time on a GPU, wall time on a CPU); `other` is the rest of `wall_s`. On a GPU also
+    `kernels`, all kernel time, and `unlinked`, kernel time that the profiler tied to no CPU event (so no category
+    could claim it: it lands in `other`)."""
+    totals = dict.fromkeys((LINEARS, ATTENTION, CACHE_WRITE, VAE), 0.0)
+
+    def visit(event) -> None:
+        category = _category(event.name)
+        if category is None:
+            for child in event.cpu_children:
+                visit(child)
+        else:
+            totals[category] += (_kernel_us(event) if on_gpu else event.cpu_time_total) / 1000
+
+    cpu = [e for e in events if e.device_type == DeviceType.CPU]
+    for event in cpu:
+        if event.cpu_parent is None:
+            visit(event)
+    chunk = wall_s * 1000
+    kernels = unlinked = None
+    if on_gpu:
+        kernels = sum(e.time_range.elapsed_us() for e in events
+                      if e.device_type != DeviceType.CPU and not e.is_user_annotation) / 1000
+        unlinked = kernels - sum(_own_kernel_us(e) for e in cpu) / 1000
+    return {**totals, "other": chunk - sum(totals.values()), "chunk": chunk, "kernels": kernels, "unlinked": unlinked}
+
+
+# -- one configuration --------------------------------------------------------------------------------------------
+@dataclass
+class _Stream:
+    """What a timed stream recorded."""
+
+    latents: list[torch.Tensor]  # per chunk, on the host, float32
+    dit_s: list[float]  # DiT time per chunk
+    deliveries: list[tuple[int, float]]  # per chunk: (video frames, host time on arrival)
+    start: float
+    peak_gib: float | None
+
+
+class _Bench:
+    def __init__(self, p: _Plan) -> None:
+        self.p = p
+        req, dev = p.request, p.device
+        gen = torch.Generator().manual_seed(req.seed)
+        self.text = torch.randn(1, req.text_tokens, p.preset.transformer.text_dim, generator=gen).to(dev)
+        self.vae = None
+        if req.vae:
+            with torch.device(dev):
+                self.vae = accelerate(build_vae(p.preset.vae.kind, dtype=p.dtype))
+
+    def transformer(self, linear: str, compiled: bool = True) -> CausalWanTransformer:
+        """The preset's transformer with fixed random weights in `linear` format, compiled if asked and `compiled`."""
+        torch.manual_seed(0)
+        with torch.device(self.p.device):
+            model = CausalWanTransformer(self.p.preset.transformer)
+        model = model.to(self.p.dtype).eval()
+        if linear != "bf16":
+            quantize_model(model, linear)
+        if compiled and self.p.request.compile:
+            torch.compiler.reset()  # drop the graphs of the previous model
+            model.forward_stream = torch.compile(model.forward_stream, mode=self.p.request.compile)
+        return model
+
+    def _chunks(self, model: CausalWanTransformer, row: RowConfig, count: int,
+                gen: StreamingGenerator | None = None) -> Iterator:
+        gen = gen or StreamingGenerator(model, self.p.stream(row.steps), self.p.latent_hw, kv_storage=row.kv_cache)
+        return gen.generate([ShotPlan(self.text, count)], generator=torch.Generator().manual_seed(self.p.request.seed))
+
+    def _decoder(self) -> StreamingDecoder | None:
+        return None if self.vae is None else StreamingDecoder(self.vae, normalized=True, frames_per_call=4)
+
+    def profile_chunk(self, model: CausalWanTransformer, row: RowConfig) -> dict[str, float | None]:
+        """Warm up through the first full-window chunk, then profile the next one (see the module docstring)."""
+        detail = self.p.request.compile is None
+        gen = StreamingGenerator(model, self.p.stream(row.steps), self.p.latent_hw, kv_storage=row.kv_cache)
+        if detail:
+            _label_attention(gen)
+        decoder = self._decoder()
+        chunks = self._chunks(model, row, self.p.first_full + 2, gen)
+        for _ in range(self.p.first_full + 1):
+            latents = next(chunks).latents
+            if decoder is not None:
+                _to_host(decoder.decode(latents))
+        on_gpu = self.p.device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+        with _labels(model, detail), profile(activities=activities) as prof:
+            _sync(self.p.device)
+            start = time.perf_counter()
+            latents = next(chunks).latents
+            if decoder is not None:
+                with record_function(_LABEL[VAE]):
+                    _to_host(decoder.decode(latents))
+            _sync(self.p.device)
+            wall = time.perf_counter() - start
+        chunks.close()
+        result: dict[str, float | None] = breakdown(prof.events(), wall, on_gpu)
+        if decoder is None:
+            result[VAE] = None
+        return result
+
+    def stream(self, model: CausalWanTransformer, row: RowConfig) -> _Stream:
+        """One timed stream of --chunks chunks, decoded as `row` says (not at all without a VAE)."""
+        dev, count = self.p.device, self.p.request.chunks
+        clock = _Clock(dev)
+        decoder = self._decoder()
+        deliveries: list[tuple[int, float]] = []
+        begins, ends, latents = [], [], []
+
+        def sink(frames: torch.Tensor) -> None:
+            deliveries.append((_to_host(frames), time.perf_counter()))
+
+        _sync(dev)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        start = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            worker = None
+            if decoder is not None and row.async_decode:
+                worker = stack.enter_context(AsyncDecoder(decoder.decode, sink, max_pending=2,
+                                                          device=dev if dev.type == "cuda" else None))
+            chunks = self._chunks(model, row, count)
+            for _ in range(count):
+                begins.append(clock.mark())
+                chunk = next(chunks)
+                ends.append(clock.mark())
+                latents.append(chunk.latents)
+                if worker is not None:
+                    worker.submit(chunk.latents)
+                elif decoder is not None:
+                    sink(decoder.decode(chunk.latents))
+        _sync(dev)
+        peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+        return _Stream([z.float().cpu() for z in latents], [clock.seconds(b, e) for b, e in zip(begins, ends)],
+                       deliveries, start, peak)
+
+    def row(self, model: CausalWanTransformer, row: RowConfig, reference: list[torch.Tensor] | None
+            ) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """Measure one configuration against `reference` latents (None: it is the reference); returns the
+        row's results and its latents."""
+        p = self.p
+        parts = self.profile_chunk(model, row)
+        run = self.stream(model, row)
+        first = p.first_measured
+        measured = range(first, p.request.chunks)
+        frames = p.preset.stream.chunk_frames * p.preset.vae.temporal
+        dit_chunk_s = sum(run.dit_s[i] for i in measured) / len(measured)
+        video_fps = chunk_s = first_frame_s = None
+        if run.deliveries:
+            span = run.deliveries[-1][1] - run.deliveries[first - 1][1]
+            chunk_s = span / len(measured)
+            video_fps = sum(run.deliveries[i][0] for i in measured) / span
+            first_frame_s = run.deliveries[0][1] - run.start
+        cost = p.cost(row)
+        bound = ceiling(cost, row.linear, p.peak_tflops, p.peak_tbps)
+        dit_fps = frames / dit_chunk_s
+        z = torch.cat(run.latents).double()
+        z_ref = z if reference is None else torch.cat(reference).double()
+        error = (z - z_ref).norm() / z_ref.norm()
+        return {
+            **dataclasses.asdict(row), "video_fps": video_fps, "dit_fps": dit_fps, "chunk_s": chunk_s,
+            "dit_chunk_s": dit_chunk_s, "first_frame_s": first_frame_s, "first_chunk_s": run.dit_s[0],
+            "peak_memory_gib": run.peak_gib, "latent_rel_error": error.item(), "breakdown_ms": parts,
+            "roofline": {
+                "flops_per_frame": cost.flops / cost.video_frames,
+                "linear_flops_per_frame": cost.linear_flops / cost.video_frames,
+                "attention_flops_per_frame": cost.attention_flops / cost.video_frames,
+                "bytes_per_frame": cost.bytes / cost.video_frames,
+                "compute_bound_fps": cost.video_frames / bound.compute_s,
+                "memory_bound_fps": cost.video_frames / bound.memory_s,
+                "ceiling_fps": bound.fps, "bound": bound.bound, "dit_fraction": dit_fps / bound.fps,
+            },
+        }, run.latents
+
+    def reference(self, model: CausalWanTransformer, steps: int) -> list[torch.Tensor]:
+        """Latents of the eager bf16 / dense-cache stream (DiT only, untimed)."""
+        row = RowConfig(steps, "bf16", "dense", None)
+        return [chunk.latents.float().cpu() for chunk in self._chunks(model, row, self.p.request.chunks)]
+
+
+def settings(p: _Plan) -> dict[str, Any]:
+    """The JSON header: what every row shares."""
+    req, s = p.request, p.preset.stream
+    on_gpu = p.device.type == "cuda"
+    return {
+        "device": torch.cuda.get_device_name(p.device) if on_gpu else "cpu", "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"), "preset": p.preset.name, "height": p.height, "width": p.width,
+        "tokens_per_frame": p.tokens_per_frame, "chunk_frames": s.chunk_frames, "window_frames": s.window_frames,
+        "sink_frames": s.sink_frames, "chunks": req.chunks, "first_measured_chunk": p.first_measured,
+        "text_tokens": req.text_tokens, "seed": req.seed, "dtype": str(p.dtype).removeprefix("torch."),
+        "vae": req.vae, "compile": req.compile, "peak_tflops": p.peak_tflops, "peak_tbps": p.peak_tbps,
+    }
+
+
+def _write_json(result: dict[str, Any], path: str) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def run_e2e(req: E2ERequest) -> dict[str, Any]:
+    """Run every row of the request (see the module docstring); returns settings + rows, as written to --json."""
+    p = plan(req)
+    if req.compile is None:
+        return _run_rows(p)
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+        try:
+            return _run_rows(p)
+        except FailOnRecompileLimitHit:
+            raise UsageError(f"--compile: a function needed more than {RECOMPILE_LIMIT} graphs (graph breaks repeat "
+                             f"per layer, cache length and KV format); compile fewer formats per run") from None
+
+
+def _run_rows(p: _Plan) -> dict[str, Any]:
+    req = p.request
+    bench = _Bench(p)
+    result = {**settings(p), "rows": []}
+    eager_refs = req.compile is None and any(r.is_reference() for r in p.rows)
+    refs: dict[int, list[torch.Tensor]] = {}
+    if not eager_refs:  # no row is the eager reference: generate it first
+        model = bench.transformer("bf16", compiled=False)
+        refs = {s: bench.reference(model, s) for s in sorted({r.steps for r in p.rows})}
+    model, linear = None, None
+    for i, row in enumerate(p.rows):
+        if row.linear != linear:
+            model = None
+            _release(p.device)
+            model, linear = bench.transformer(row.linear), row.linear
+        out, latents = bench.row(model, row, refs.get(row.steps))
+        if eager_refs and row.is_reference():
+            refs.setdefault(row.steps, latents)
+        result["rows"].append(out)
+        if req.json:
+            _write_json(result, req.json)
+        if req.progress:
+            print(f"[{i + 1}/{len(p.rows)}] {_describe(row)}: DiT {out['dit_fps']:.1f} FPS"
+                  + (f", video {out['video_fps']:.1f} FPS" if out["video_fps"] is not None else ""), file=sys.stderr)
+    return result
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# -- output ---------------------------------------------------------------------------------------------------------
+def _describe(row: RowConfig) -> str:
+    decode = "" if row.async_decode is None else f", decode {'async' if row.async_decode else 'sequential'}"
+    return f"{row.steps} steps, {row.linear} linears, {row.kv_cache} KV{decode}"
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+COLUMNS = ("steps", "linear", "kv", "async", "FPS", "DiT FPS", "TTFF s", "peak GiB", "lin ms", "attn ms",
+           "cache ms", "VAE ms", "other ms", "lat err", "ceiling")
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The rows as a text table (times per chunk in ms), then one roofline line per (steps, linear, KV cache)."""
+    r = result
+    cells = [list(COLUMNS)]
+    seen: dict[tuple, dict] = {}
+    for row in r["rows"]:
+        b, roof = row["breakdown_ms"], row["roofline"]
+        decode = "-" if row["async_decode"] is None else ("on" if row["async_decode"] else "off")
+        cells.append([
+            str(row["steps"]), row["linear"], row["kv_cache"], decode, _num(row["video_fps"], ".2f"),
+            _num(row["dit_fps"], ".2f"), _num(row["first_frame_s"], ".3f"), _num(row["peak_memory_gib"], ".2f"),
+            *(_num(b[k], ".1f") for k in (LINEARS, ATTENTION, CACHE_WRITE, VAE, "other")),
+            _num(row["latent_rel_error"], ".2e"), _num(roof["ceiling_fps"], ".1f"),
+        ])
+        seen.setdefault((row["steps"], row["linear"], row["kv_cache"]), roof)
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    title = (f"{r['device']}  {r['preset']}  {r['width']}x{r['height']}  chunk {r['chunk_frames']} / window "
+             f"{r['window_frames']} / sink {r['sink_frames']} latent frames  {r['chunks']} chunks (measured from "
+             f"chunk {r['first_measured_chunk'] + 1})  {r['dtype']}  "
+             f"{'compile ' + r['compile'] if r['compile'] else 'eager'}")
+    lines = [title, *("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)]
+    lines.append(f"roofline (DiT, per video frame; peaks {', '.join(f'{k} {v:g}' for k, v in r['peak_tflops'].items())}"
+                 f" TFLOP/s, {r['peak_tbps']:g} TB/s):")
+    for (steps, linear, kv), roof in seen.items():
+        lines.append(
+            f"  {steps} steps {linear}/{kv}: {roof['flops_per_frame'] / 1e12:.4g} TFLOP (linears "
+            f"{roof['linear_flops_per_frame'] / 1e12:.4g}, attention {roof['attention_flops_per_frame'] / 1e12:.4g}), "
+            f"{roof['bytes_per_frame'] / 1e9:.4g} GB -> {roof['compute_bound_fps']:.1f} FPS compute-bound, "
+            f"{roof['memory_bound_fps']:.1f} memory-bound; ceiling {roof['ceiling_fps']:.1f} ({roof['bound']}), "
+            f"DiT at {roof['dit_fraction']:.1%} of it"
+        )
+    return "\n".join(lines)
