@@ -135,3 +135,22 @@ def test_eval_rejects_unknown_modes():
 
     with pytest.raises(LongstreamError, match="unknown mode"):
         evaluate(eval_set(1, 1), ["int3"], preset_name="tiny", device="cpu", progress=False)
+
+
+def test_decoder_fine_tune_keeps_the_encoder_and_statistics(tmp_path):
+    """`trainable` with `init`: only the decoder moves; the latent space (encoder, statistics) stays."""
+    vae = build_vae("tiny", seed=6)
+    save_vae(vae, tmp_path / "start.safetensors", latents_mean=[0.5] * 16, latents_std=[2.0] * 16)
+    trainer = make_trainer(vae_config(tmp_path, init=str(tmp_path / "start.safetensors"), steps=3, save_every=3,
+                                      trainable=["post_quant_conv.*", "decoder.*"]))
+    trainer.run(progress=False)
+    tuned = load_vae(run_weights(tmp_path / "vae", ("model.safetensors",)))
+    assert tuned.config.latents_mean == [0.5] * 16 and tuned.config.latents_std == [2.0] * 16
+    before, after = vae.state_dict(), tuned.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith(("decoder.", "post_quant")))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+
+
+def test_trainable_patterns_must_match(tmp_path):
+    with pytest.raises(LongstreamError, match="match no parameter"):
+        make_trainer(vae_config(tmp_path, trainable=["nothing.*"]))

@@ -32,7 +32,7 @@ def test_encode_clips_matches_whole_clip_and_resumes(tmp_path):
     assert len(done_clips(root)) == 2
     assert encode_clips(clips(3), vae, root, chunk_latents=2, progress=False) == 1  # only the missing clip
     data = LatentClipDataset(root, clip_frames=2, channels=16)
-    assert len(done_clips(root)) == 3 and len(data) == 6  # 2 shots of >= 2 latent frames per clip
+    assert len(done_clips(root)) == 3 and len(data) == 9  # windows of 2: two in the 4-frame shot, one in the 2-frame one
     name, video, shots = next(clips(1))
     first = next(i for i, e in enumerate(data.examples) if e.file.name == f"{name}.safetensors")
     latents, prompt = data.load(first)

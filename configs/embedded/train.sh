@@ -9,7 +9,7 @@ cd "$(dirname "$0")/../.."
 runs=runs/embedded
 cli=(python -m longstream.cli)
 quick=()
-clips=2000
+clips=1500
 if [[ "${QUICK:-0}" == 1 ]]; then quick=(--steps 2); clips=16; fi
 quiet=()
 if [[ "${QUIET:-0}" == 1 ]]; then quiet=(--quiet); fi
@@ -18,7 +18,7 @@ for stage in ${STAGES:-vae world base tf dmd lora export}; do
   echo "== $stage"
   case "$stage" in
     vae|base|tf|dmd|lora) "${cli[@]}" train "configs/embedded/$stage.yaml" "${quick[@]}" "${quiet[@]}" ;;
-    world) "${cli[@]}" world "$runs/world" --vae "$(weights "$runs/vae" model.safetensors)" --clips "$clips" "${quiet[@]}" ;;
+    world) "${cli[@]}" world "$runs/world" --vae "$(weights "$runs/vae" model.safetensors)" --clips "$clips" --frames 65 "${quiet[@]}" ;;
     export) python -c "from longstream.assets import export_embedded as e; e('$(weights "$runs/dmd" ema.safetensors)', \
 '$(weights "$runs/lora" lora.safetensors)', '$runs/world/vae.safetensors', '${EXPORT:-longstream/assets/embedded}')" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;

@@ -6,8 +6,8 @@ Format (a folder):
 - each clip file (safetensors) holds `latents`: [C, F, h, w] float, model-space (VAE-normalized) latents.
 
 Everything is checked when the dataset is opened; a problem raises `DataError` naming the file (and line).
-Training examples are single shots (a shot's first `clip_frames` latent frames with its prompt); shots shorter
-than `clip_frames` are skipped. The order of examples is a seeded permutation per epoch, so any step's batch
+Training examples are windows of `clip_frames` latent frames inside one shot, with its prompt: each shot gives
+its consecutive non-overlapping windows from its first frame on (shots shorter than `clip_frames` give none). The order of examples is a seeded permutation per epoch, so any step's batch
 is known from (seed, step) alone: a resumed run sees exactly the data an uninterrupted run would.
 """
 
@@ -81,8 +81,8 @@ class LatentClipDataset:
             if shots[-1]["end"] != shape[1]:
                 raise DataError(f"{where}: shots end at frame {shots[-1]['end']} but {path.name} has {shape[1]}")
             for shot in shots:
-                if shot["end"] - shot["start"] >= clip_frames:
-                    self.examples.append(Example(path, shot["prompt"].strip(), shot["start"]))
+                for start in range(shot["start"], shot["end"] - clip_frames + 1, clip_frames):
+                    self.examples.append(Example(path, shot["prompt"].strip(), start))
         if not self.examples:
             raise DataError(f"{self.root}: no shot has {clip_frames} latent frames or more")
         self.clip_frames = clip_frames

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 import math
 import os
@@ -41,6 +42,17 @@ OBJECTIVES = ("flow_matching", "teacher_forcing", "dmd", "vae")
 
 class TrainingError(LongstreamError):
     """A run that cannot go on (diverged loss, unusable checkpoint)."""
+
+
+def _freeze_all_but(model: torch.nn.Module, patterns: list) -> None:
+    names = [n for n, _ in model.named_parameters()]
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise ConfigError(f"trainable must be a list of name patterns, got {patterns!r}")
+    chosen = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+    if not chosen:
+        raise ConfigError(f"trainable patterns {patterns} match no parameter (names look like {names[0]})")
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in chosen)
 
 
 def run_weights(path: str | Path, names: tuple[str, ...] = ("ema.safetensors", "model.safetensors")) -> Path:
@@ -69,11 +81,13 @@ class TrainConfig:
     negative_prompt: str | None = None  # dmd with guidance: the teacher's negative prompt
     dmd: dict | None = None  # dmd: DMDConfig settings (steps, guidance_scale, critic_lr, ...)
     lora: dict | None = None  # dmd: train only a LoRA (LoRAConfig settings), e.g. the 4 -> 2-step adapter
+    trainable: list | None = None  # glob patterns of the parameter names to train (default: all), e.g. decoder.*
     steps: int = 1000
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.0
+    max_grad_norm: float = 0.0  # clip the gradient norm to this (0: no clipping; dmd clips in its own settings)
     warmup_steps: int = 0
     clip_frames: int = 8
     chunk_frames: int | None = None  # teacher forcing; default: the preset's chunk
@@ -93,6 +107,7 @@ class TrainConfig:
                            ("save_every", int), ("log_every", int), ("seed", int), ("warmup_steps", int),
                            ("lr", (int, float)), ("weight_decay", (int, float)), ("shift", (int, float)),
                            ("ema", (int, float)), ("kl_weight", (int, float)), ("max_seconds", (int, float)),
+                           ("max_grad_norm", (int, float)),
                            ("crop", int)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, kind):
@@ -162,6 +177,8 @@ class Trainer:
         self.out = Path(config.output)
         self.ckpt_dir = self.out / "checkpoints"
         self.model = self._build_model()
+        if config.trainable is not None:
+            _freeze_all_but(self.model, config.trainable)
         self.dmd = self._build_dmd() if config.objective == "dmd" else None
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if config.ema else None
         if self.dmd is not None:
@@ -250,6 +267,8 @@ class Trainer:
                 raise TrainingError(f"loss is {loss.item()} at step {step}; stopping (last checkpoint kept)")
             loss.backward()
             total += loss.item()
+        if self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         self.opt.step()
         self._after_step()
         return total
@@ -392,7 +411,10 @@ class VAETrainer(Trainer):
 
     def _build_model(self) -> torch.nn.Module:
         from ..vae import build_vae
+        from ..vae.checkpoints import load_vae
 
+        if self.cfg.init:  # e.g. fine-tune the decoder of a VAE whose latent statistics are already fitted
+            return load_vae(run_weights(self.cfg.init, ("model.safetensors",)), device=self.device).train()
         return build_vae(self.preset.vae.kind, seed=self.cfg.seed).to(self.device).train()
 
     def _micro_batches(self, step: int) -> list[tuple[torch.Tensor, None]]:
