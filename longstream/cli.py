@@ -32,6 +32,13 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
                    help="transformer weights: a longstream file (see `longstream convert`), a diffusers folder, "
                    "original Wan safetensors or a LongLive .pt")
     p.add_argument("--lora", metavar="FILE", help="LoRA adapter to apply (e.g. the 4->2 step LoRA)")
+    p.add_argument("--text-encoder", metavar="DIR",
+                   help="umT5 folder (text_encoder/ + tokenizer/) for Wan checkpoints; default: the --checkpoint "
+                   "folder when it is a diffusers pipeline, else the built-in hash encoder")
+    p.add_argument("--offload-text-encoder", action="store_true", help="keep umT5 in CPU memory between prompts")
+    p.add_argument("--text-cache", metavar="DIR", help="cache umT5 prompt embeddings in this folder")
+    p.add_argument("--vae", metavar="PATH", help="VAE: a diffusers vae/ or pipeline folder, or a longstream VAE "
+                   "file; default: the pipeline folder's, the shipped one (embedded preset) or random weights")
     p.add_argument("--steps", type=int, choices=(4, 2), help="sampling steps (default: the preset's)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--height", type=int, help="video height (default: the preset's)")
@@ -57,6 +64,8 @@ def _run_generate(args: argparse.Namespace) -> None:
         seconds=args.seconds, steps=args.steps, seed=args.seed, checkpoint=args.checkpoint,
         height=args.height, width=args.width, device=args.device, progress=not args.quiet,
         kv_cache=args.kv_cache, linear=args.linear, async_decode=args.async_decode, lora=args.lora, sp=args.sp,
+        text_encoder=args.text_encoder, vae=args.vae, offload_text_encoder=args.offload_text_encoder,
+        text_cache=args.text_cache,
     )
     generate_video(request)
 
@@ -286,7 +295,7 @@ def _quiet_third_party_logs() -> None:
     """Keep the terminal to our own progress and errors: diffusers imports torchao (when installed), which logs
     about optional CUDA extensions and deprecated pytree registrations that say nothing about this run."""
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    for name in ("torchao", "torch.utils._pytree"):
+    for name in ("torchao", "torch.utils._pytree", "diffusers"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

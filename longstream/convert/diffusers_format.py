@@ -77,4 +77,6 @@ def load_diffusers_vae(path: str | Path, device: torch.device | str = "cpu", dty
     state = read_weights(folder)
     check_state_dict(folder, state, vae.state_dict())
     vae.load_state_dict(state, strict=True, assign=True)
-    return vae.to(device=device, dtype=dtype).eval()
+    if dtype is not None and dtype != vae.dtype:  # diffusers warns on every dtype cast: skip the no-op one
+        vae = vae.to(dtype=dtype)
+    return vae.to(device).eval()

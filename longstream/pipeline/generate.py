@@ -17,7 +17,7 @@ from ..config import Preset, get_preset
 from ..devices import resolve_device
 from ..errors import UsageError
 from ..model.transformer import CausalWanTransformer
-from ..text.encoders import HashTextEncoder
+from ..text.encoders import HashTextEncoder, TextEncoder
 from ..vae import StreamingDecoder, build_vae
 from ..vae.async_decode import AsyncDecoder
 from ..vae.checkpoints import load_vae
@@ -46,6 +46,10 @@ class GenerateRequest:
     async_decode: bool | None = None  # None: on for CUDA
     lora: str | None = None
     sp: int = 1  # sequence-parallel ranks (torchrun)
+    text_encoder: str | None = None  # umT5 folder (or a diffusers pipeline folder); default: see _text_encoder
+    vae: str | None = None  # diffusers VAE / pipeline folder or a longstream VAE file; default: see _vae
+    offload_text_encoder: bool = False
+    text_cache: str | None = None  # folder of cached prompt embeddings (umT5)
 
 
 def _shots(req: GenerateRequest) -> list[Shot]:
@@ -95,21 +99,54 @@ def with_embedded_weights(req: GenerateRequest) -> GenerateRequest:
     return dataclasses.replace(req, checkpoint=str(assets.embedded_file(assets.TRANSFORMER)), lora=lora)
 
 
-def _vae(preset: Preset, device: torch.device):
-    if preset.name == "embedded":
+def _pipeline_folder(req: GenerateRequest) -> str | None:
+    """--checkpoint when it is a diffusers pipeline folder (it then also provides the text encoder and VAE)."""
+    if req.checkpoint and (Path(req.checkpoint) / "model_index.json").is_file():
+        return req.checkpoint
+    return None
+
+
+def _vae(req: GenerateRequest, preset: Preset, device: torch.device) -> AutoencoderKLWan:
+    """--vae (a longstream VAE file, or a diffusers VAE / pipeline folder), else the pipeline folder's VAE, the
+    shipped one for the embedded preset, or random weights."""
+    source = req.vae or _pipeline_folder(req)
+    if source and Path(source).is_file():
+        vae = load_vae(source, device=device)
+    elif source:
+        from ..convert import load_diffusers_vae
+
+        vae = load_diffusers_vae(source, device=device, dtype=torch.float32)
+    elif preset.name == "embedded":
         from .. import assets
 
         vae = load_vae(assets.embedded_file(assets.VAE), device=device)
     else:
-        vae = build_vae(preset.vae.kind).to(device=device, dtype=torch.float32).eval()
+        vae = build_vae(preset.vae.kind, device=device)
+    if vae.config.z_dim != preset.transformer.in_channels:
+        raise UsageError(f"the VAE has {vae.config.z_dim} latent channels but preset {preset.name}'s transformer "
+                         f"takes {preset.transformer.in_channels}")
     return accelerate(vae)
+
+
+def _text_encoder(req: GenerateRequest, preset: Preset, device: torch.device) -> TextEncoder:
+    """umT5 from --text-encoder (or the pipeline folder), else the fixed hash encoder (the embedded model's)."""
+    source = req.text_encoder or _pipeline_folder(req)
+    if not source:
+        return HashTextEncoder(preset.transformer.text_dim)
+    from ..text.umt5 import UMT5Encoder
+
+    encoder = UMT5Encoder(source, device=device, offload=req.offload_text_encoder, cache_dir=req.text_cache)
+    if encoder.dim != preset.transformer.text_dim:
+        raise UsageError(f"text encoder {source} makes {encoder.dim}-wide embeddings but preset {preset.name} "
+                         f"takes {preset.transformer.text_dim}")
+    return encoder
 
 
 @dataclass
 class Models:
     transformer: CausalWanTransformer
     vae: AutoencoderKLWan
-    encoder: HashTextEncoder
+    encoder: TextEncoder
 
 
 def load_models(req: GenerateRequest, preset: Preset, device: torch.device) -> Models:
@@ -124,7 +161,8 @@ def load_models(req: GenerateRequest, preset: Preset, device: torch.device) -> M
         from ..quant import quantize_model
 
         quantize_model(model, req.linear)
-    return Models(model, _vae(preset, device), HashTextEncoder(preset.transformer.text_dim))
+    encoder = _text_encoder(req, preset, device)  # first: its checks are cheap
+    return Models(model, _vae(req, preset, device), encoder)
 
 
 def generate_video(req: GenerateRequest) -> Path:

@@ -56,4 +56,6 @@ def load_vae(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
         raise CheckpointError(f"{path}: bad VAE config in metadata ({exc})") from None
     check_state_dict(path, state, vae.state_dict())
     vae.load_state_dict(state, strict=True, assign=True)
-    return vae.to(device=device, dtype=dtype).eval()
+    if dtype != torch.float32:  # diffusers warns on any dtype cast; skip the no-op one
+        vae = vae.to(dtype=dtype)
+    return vae.to(device).eval()
