@@ -11,6 +11,9 @@
   A run finds the latest complete checkpoint in its output folder and resumes from it.
 - Metrics: one JSON line per logged step in `OUTPUT/metrics.jsonl` (and TensorBoard when installed); progress bar.
 - A NaN or infinite loss stops the run with an error naming the step.
+- Under `torchrun --nproc-per-node N`: data parallel (FSDP2) x sequence parallel (`sp`, Balanced SP for teacher
+  forcing), computing the single-process step; rank 0 writes checkpoints, metrics and the progress bar. See
+  `distributed.py`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,8 +37,10 @@ from ..devices import resolve_device
 from ..errors import LongstreamError
 from ..model.checkpoints import load_transformer, save_transformer
 from ..model.transformer import CausalWanTransformer
+from ..parallel import ParallelContext
 from ..text.encoders import HashTextEncoder
 from .data import LatentClipDataset
+from .distributed import ParallelTraining, check_layout, launched_world_size, write_transformer
 from .objectives import flow_matching_loss, teacher_forcing_loss
 
 OBJECTIVES = ("flow_matching", "teacher_forcing", "dmd", "vae")
@@ -101,6 +107,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"
+    sp: int = 1  # under torchrun: sequence-parallel group size (dp = processes / sp); see distributed.py
 
     def __post_init__(self) -> None:
         for name, kind in (("steps", int), ("batch_size", int), ("grad_accum", int), ("clip_frames", int),
@@ -108,7 +115,7 @@ class TrainConfig:
                            ("lr", (int, float)), ("weight_decay", (int, float)), ("shift", (int, float)),
                            ("ema", (int, float)), ("kl_weight", (int, float)), ("max_seconds", (int, float)),
                            ("max_grad_norm", (int, float)),
-                           ("crop", int)):
+                           ("crop", int), ("sp", int)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise ConfigError(f"{name} must be a number, got {value!r}")
@@ -122,7 +129,7 @@ class TrainConfig:
             raise ConfigError(f"objective {self.objective} needs data (a latent dataset folder)")
         if self.objective == "vae" and (self.clip_frames - 1) % 4:
             raise ConfigError(f"objective vae trains on 1 + 4k video frames: clip_frames {self.clip_frames} is not")
-        for name in ("steps", "batch_size", "grad_accum", "clip_frames", "save_every", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum", "clip_frames", "save_every", "log_every", "sp"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.ema < 1.0:
@@ -135,6 +142,8 @@ class TrainConfig:
             raise ConfigError("objective dmd does not accumulate gradients: set grad_accum to 1")
         if self.lora and self.ema:
             raise ConfigError("ema is not kept for a LoRA-only run: set ema to 0")
+        if self.sp > 1 and self.objective not in ("flow_matching", "teacher_forcing"):
+            raise ConfigError(f"sp > 1 is for flow_matching and teacher_forcing, not objective {self.objective}")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
@@ -164,13 +173,21 @@ class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.cfg = config
         self.preset = get_preset(config.preset)
-        self.device = resolve_device(config.device)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights, TF32 tensor-core matmuls
         self.chunk_frames = config.chunk_frames or self.preset.stream.chunk_frames
         if config.objective in ("teacher_forcing", "dmd") and config.clip_frames % self.chunk_frames:
             raise ConfigError(f"clip_frames ({config.clip_frames}) must be a multiple of chunk_frames "
                               f"({self.chunk_frames}) for {config.objective}")
+        world = launched_world_size()
+        if world > 1:
+            check_layout(config.objective, config.sp, world, config.batch_size, config.clip_frames,
+                         self.chunk_frames, self.preset.transformer)
+        self.ctx = ParallelContext.from_env(config.sp, device=resolve_device(config.device))
+        self.device = self.ctx.device
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights, TF32 tensor-core matmuls
+        self.parallel = (ParallelTraining(self.ctx, config.objective, self.chunk_frames, config.shift)
+                         if world > 1 else None)
+        self.is_main = self.parallel is None or self.parallel.is_main
         self.data = self._build_data()
         self.text = HashTextEncoder(self.preset.transformer.text_dim)
         self._text_cache: dict[str, torch.Tensor] = {}
@@ -181,6 +198,8 @@ class Trainer:
             _freeze_all_but(self.model, config.trainable)
         self.dmd = self._build_dmd() if config.objective == "dmd" else None
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if config.ema else None
+        if self.parallel is not None:
+            self.parallel.shard(self.model, self.ema)
         if self.dmd is not None:
             self.opt = self.dmd.generator_opt
         else:
@@ -235,12 +254,16 @@ class Trainer:
         out = []
         for micro in range(self.cfg.grad_accum):
             idx = self.data.batch_indices(step * self.cfg.grad_accum + micro, self.cfg.batch_size, self.cfg.seed)
+            if self.parallel is not None:
+                idx = self.parallel.batch_part(idx)
             items = [self.data.load(i) for i in idx]
             latents = torch.stack([x for x, _ in items]).to(self.device)
             out.append((latents, self._text([p for _, p in items])))
         return out
 
     def loss(self, latents: torch.Tensor, text: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.parallel is not None:
+            return self.parallel.loss(self.model, latents, text, self.cfg.batch_size, generator)
         if self.cfg.objective == "flow_matching":
             return flow_matching_loss(self.model, latents, text, shift=self.cfg.shift, generator=generator)
         return teacher_forcing_loss(self.model, latents, text, chunk_frames=self.chunk_frames,
@@ -261,12 +284,18 @@ class Trainer:
             return self._dmd_step(step, generator)
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
-        for latents, text in self._micro_batches(step):
+        micro_batches = self._micro_batches(step)
+        for i, (latents, text) in enumerate(micro_batches):
+            if self.parallel is not None:
+                self.parallel.sync_gradients(self.model, i == len(micro_batches) - 1)
             loss = self.loss(latents, text, generator) / self.cfg.grad_accum
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss is {loss.item()} at step {step}; stopping (last checkpoint kept)")
+            value = self.parallel.reduce_loss(loss) if self.parallel is not None else loss.item()
+            if not math.isfinite(value):
+                raise TrainingError(f"loss is {value} at step {step}; stopping (last checkpoint kept)")
             loss.backward()
-            total += loss.item()
+            total += value
+        if self.parallel is not None:
+            self.parallel.reduce_gradients(self.model)
         if self.cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         self.opt.step()
@@ -300,18 +329,18 @@ class Trainer:
         self.resume()
         self.out.mkdir(parents=True, exist_ok=True)
         losses = []
-        log = open(self.out / "metrics.jsonl", "a", encoding="utf-8")
-        board = _tensorboard(self.out / "tensorboard")
+        saved_at = self.step
+        log = open(self.out / "metrics.jsonl", "a", encoding="utf-8") if self.is_main else None
+        board = _tensorboard(self.out / "tensorboard") if self.is_main else None
         start_time = time.time()
         try:
-            with tqdm(total=target, initial=self.step, unit="step", disable=not progress) as bar:
-                while self.step < target and not (self.cfg.max_seconds
-                                                  and time.time() - start_time >= self.cfg.max_seconds):
+            with tqdm(total=target, initial=self.step, unit="step", disable=not (progress and self.is_main)) as bar:
+                while self.step < target and not self._out_of_time(start_time):
                     loss = self.train_step()
                     losses.append(loss)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}")
-                    if self.step % self.cfg.log_every == 0 or self.step == target:
+                    if log is not None and (self.step % self.cfg.log_every == 0 or self.step == target):
                         log.write(json.dumps({"step": self.step, "loss": loss, "lr": self._lr(self.step - 1),
                                               "elapsed_s": round(time.time() - start_time, 2)}) + "\n")
                         log.flush()
@@ -319,13 +348,25 @@ class Trainer:
                             board.add_scalar("loss", loss, self.step)
                     if self.step % self.cfg.save_every == 0 or self.step == target:
                         self.save()
-            if losses and self._complete_checkpoints()[-1:] != [self.ckpt_dir / f"step_{self.step:08d}"]:
+                        saved_at = self.step
+            if saved_at != self.step:
                 self.save()  # stopped by max_seconds between checkpoints
         finally:
-            log.close()
+            if log is not None:
+                log.close()
             if board is not None:
                 board.close()
         return losses
+
+    def _out_of_time(self, start_time: float) -> bool:
+        if not self.cfg.max_seconds:
+            return False
+        late = time.time() - start_time >= self.cfg.max_seconds
+        return self.parallel.any_rank(late) if self.parallel is not None else late
+
+    def close(self) -> None:
+        """Release the process group this trainer created (under torchrun)."""
+        self.ctx.close()
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _complete_checkpoints(self) -> list[Path]:
@@ -335,23 +376,47 @@ class Trainer:
                       and (p / "state.json").is_file())
 
     def save(self) -> Path:
-        name = f"step_{self.step:08d}"
-        final = self.ckpt_dir / name
-        tmp = self.ckpt_dir / f".{name}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        if self.dmd is not None and self.dmd.cfg.lora is not None:
-            self.dmd.save_lora(tmp / "lora.safetensors")  # only the adapter is trained
+        """Write the checkpoint of the current step (every rank calls it; rank 0 writes)."""
+        files = self._checkpoint_files()
+        final = self.ckpt_dir / f"step_{self.step:08d}"
+        if self.is_main:
+            self._write_checkpoint(final, files)
+        if self.parallel is not None:
+            self.parallel.barrier()
+        return final
+
+    def _checkpoint_files(self) -> dict[str, Callable[[Path], None]]:
+        """File name -> writer; in a distributed run the full tensors are gathered here (a collective)."""
+        lora_only = self.dmd is not None and self.dmd.cfg.lora is not None
+        files: dict[str, Callable[[Path], None]] = {}
+        if lora_only:
+            files["lora.safetensors"] = self.dmd.save_lora  # only the adapter is trained
         else:
-            self._save_model(self.model, tmp / "model.safetensors")
-        if self.ema is not None and not (self.dmd is not None and self.dmd.cfg.lora is not None):
-            self._save_model(self.ema, tmp / "ema.safetensors")
+            files["model.safetensors"] = self._model_writer(self.model)
+        if self.ema is not None and not lora_only:
+            files["ema.safetensors"] = self._model_writer(self.ema)
         if self.dmd is not None:
-            save_transformer(self.dmd.critic, tmp / "critic.safetensors")
+            files["critic.safetensors"] = lambda path: save_transformer(self.dmd.critic, path)
             optim = {"generator": self.opt.state_dict(), "critic": self.dmd.critic_opt.state_dict()}
+        elif self.parallel is not None:
+            optim = self.parallel.full_optimizer_state(self.opt)
         else:
             optim = self.opt.state_dict()
-        torch.save(optim, tmp / "optimizer.pt")
+        files["optimizer.pt"] = lambda path: torch.save(optim, path)
+        return files
+
+    def _model_writer(self, model: torch.nn.Module) -> Callable[[Path], None]:
+        if self.parallel is None:
+            return lambda path: self._save_model(model, path)
+        state = self.parallel.full_state(model)
+        return lambda path: write_transformer(state, model.config, path)
+
+    def _write_checkpoint(self, final: Path, files: dict[str, Callable[[Path], None]]) -> None:
+        tmp = self.ckpt_dir / f".{final.name}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, write in files.items():
+            write(tmp / name)
         state = {"step": self.step, "config": asdict(self.cfg)}
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
         for f in tmp.iterdir():
@@ -360,17 +425,18 @@ class Trainer:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        return final
 
     def resume(self) -> bool:
-        """Load the latest complete checkpoint of the output folder, if any; partial ones are removed."""
-        if self.ckpt_dir.is_dir():
+        """Load the latest complete checkpoint of the output folder, if any (rank 0's choice on every rank);
+        partial ones are removed."""
+        if self.is_main and self.ckpt_dir.is_dir():
             for partial in self.ckpt_dir.glob(".step_*.partial"):
                 shutil.rmtree(partial, ignore_errors=True)
-        done = self._complete_checkpoints()
-        if not done:
+        latest = (self._complete_checkpoints() or [None])[-1]
+        if self.parallel is not None:
+            latest = self.parallel.from_main(latest)
+        if latest is None:
             return False
-        latest = done[-1]
         state = json.loads((latest / "state.json").read_text())
         if (latest / "lora.safetensors").is_file():
             from ..model.lora import load_lora
@@ -388,7 +454,10 @@ class Trainer:
             self._load_into(self.dmd.critic, latest / "critic.safetensors")
             self.dmd.critic_opt.load_state_dict(optim["critic"])
             optim = optim["generator"]
-        self.opt.load_state_dict(optim)
+        if self.parallel is not None:
+            self.parallel.load_optimizer_state(self.opt, optim)
+        else:
+            self.opt.load_state_dict(optim)
         self.step = int(state["step"])
         return True
 
@@ -396,7 +465,11 @@ class Trainer:
         save_transformer(model, path)
 
     def _load_into(self, model: torch.nn.Module, path: Path) -> None:
-        model.load_state_dict(load_transformer(path, expected=self.preset.transformer).state_dict(), strict=True)
+        state = load_transformer(path, expected=self.preset.transformer).state_dict()
+        if self.parallel is not None:
+            self.parallel.load_full_state(model, state)
+        else:
+            model.load_state_dict(state, strict=True)
 
 
 class VAETrainer(Trainer):
@@ -454,6 +527,10 @@ def _tensorboard(folder: Path):
 
 
 def train_from_config(path: str | Path, steps: int | None = None, progress: bool = True) -> Path:
+    """Run a config (under torchrun: on every rank of the run)."""
     trainer = make_trainer(TrainConfig.from_yaml(path))
-    trainer.run(steps, progress=progress)
+    try:
+        trainer.run(steps, progress=progress)
+    finally:
+        trainer.close()
     return trainer.ckpt_dir
