@@ -92,7 +92,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> None:
     from .train.trainer import train_from_config
 
-    print(f"checkpoints in {train_from_config(args.config, steps=args.steps, progress=not args.quiet)}")
+    folder = train_from_config(args.config, steps=args.steps, progress=not args.quiet)
+    if os.environ.get("RANK", "0") == "0":  # torchrun: one line, from rank 0
+        print(f"checkpoints in {folder}")
 
 
 def _world_parser(sub: argparse._SubParsersAction) -> None:
