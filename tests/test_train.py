@@ -1,6 +1,7 @@
 """Training: objectives learn, checkpoints survive a kill mid-save, resume repeats an uninterrupted run exactly."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -160,3 +161,14 @@ def test_ema_turned_on_later_starts_from_the_resumed_weights(tmp_path):
     assert later.resume()
     for e, p in zip(later.ema.parameters(), later.model.parameters()):
         assert torch.equal(e, p)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_training_runs_matmuls_in_bf16(tmp_path):
+    trainer = Trainer(config(tmp_path, device="cuda", steps=3))
+    seen = []
+    layer = trainer.model.blocks[0].ffn.net[2]
+    layer.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    losses = trainer.run(progress=False)
+    assert all(map(math.isfinite, losses)) and seen and set(seen) == {torch.bfloat16}
+    assert next(trainer.model.parameters()).dtype == torch.float32

@@ -288,7 +288,8 @@ class Trainer:
         for i, (latents, text) in enumerate(micro_batches):
             if self.parallel is not None:
                 self.parallel.sync_gradients(self.model, i == len(micro_batches) - 1)
-            loss = self.loss(latents, text, generator) / self.cfg.grad_accum
+            with self._autocast():
+                loss = self.loss(latents, text, generator) / self.cfg.grad_accum
             value = self.parallel.reduce_loss(loss) if self.parallel is not None else loss.item()
             if not math.isfinite(value):
                 raise TrainingError(f"loss is {value} at step {step}; stopping (last checkpoint kept)")
@@ -301,6 +302,12 @@ class Trainer:
         self.opt.step()
         self._after_step()
         return total
+
+    def _autocast(self) -> torch.autocast:
+        """On CUDA with `gemm: bf16`, forward passes run their matmuls and convolutions in bf16 (weights, optimizer
+        and loss stay fp32); on the CPU, and with fp8/nvfp4 training linears, everything runs as written."""
+        enabled = self.device.type == "cuda" and self.cfg.gemm == "bf16"
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def _dmd_step(self, step: int, generator: torch.Generator) -> float:
         latents, text = self._micro_batches(step)[0]
