@@ -218,12 +218,30 @@ def _interpreter_checks() -> Dict[str, Callable[[], object]]:
         assert e < 1e-5, e
         return e
 
+    def quant_per_row_global_scale():
+        """One global scale per row (the NVFP4 KV cache's per-frame scale), broadcast over leading dims."""
+        x = heavy((2, 3, 5, 48), 7, spread=3.0)
+        for g in (nv.global_scale_from_amax(x.abs().amax(dim=(-2, -1), keepdim=True)),  # per (b, h): [2, 3, 1, 1]
+                  nv.global_scale_from_amax(x.abs().amax(dim=-1, keepdim=True))):  # per row: [2, 3, 5, 1]
+            r, t = nv.quantize(x, global_scale=g), kq.nvfp4_quantize_triton(x, global_scale=g)
+            assert torch.equal(r.data, t.data) and torch.equal(r.scale.view(torch.uint8), t.scale.view(torch.uint8))
+            assert torch.equal(r.global_scale, t.global_scale)
+        try:
+            kq.nvfp4_quantize_triton(x, global_scale=torch.ones(3, 1))
+        except ValueError as exc:
+            assert "broadcast" in str(exc)
+        else:
+            raise AssertionError("a global scale of the wrong shape was accepted")
+        return "ok"
+
     return {f.__name__: f for f in (quant_random, quant_heavy_tailed, quant_ties, quant_special, quant_nonfinite,
+                                    quant_per_row_global_scale,
                                     gemm_fp32, gemm_bf16_and_leading_dims, gemm_special, dequantize_exact,
                                     split_gemm, backend_dispatch)}
 
 
 INTERP_CHECKS = ("quant_random", "quant_heavy_tailed", "quant_ties", "quant_special", "quant_nonfinite",
+                 "quant_per_row_global_scale",
                  "gemm_fp32", "gemm_bf16_and_leading_dims", "gemm_special", "dequantize_exact", "split_gemm",
                  "backend_dispatch")
 

@@ -69,3 +69,17 @@ def test_partial_frame_write_is_refused():
     store = NVFP4KVStorage(1, 1, 4 * T, 16, torch.float32, "cpu", tokens_per_frame=T)
     with pytest.raises(ValueError, match="whole frames"):
         store.write(torch.arange(3), torch.randn(1, 1, 3, 16), torch.randn(1, 1, 3, 16))
+
+
+@pytest.mark.gpu
+def test_nvfp4_write_on_gpu_equals_the_cpu_reference():
+    """On CUDA the write quantizes with the Triton kernel (per-frame global scale): same bytes as the CPU."""
+    k = torch.randn(1, 4, 3 * T, 48) * torch.logspace(-2, 2, 3).repeat_interleave(T)[None, None, :, None]
+    v = torch.randn(1, 4, 3 * T, 48)
+    stores = {dev: NVFP4KVStorage(1, 4, 4 * T, 48, torch.bfloat16, dev, tokens_per_frame=T) for dev in ("cpu", "cuda")}
+    for dev, store in stores.items():
+        store.write(frame_index([2, 0, 3]).to(dev), k.to(dev), v.to(dev))
+    cpu, gpu = stores["cpu"], stores["cuda"]
+    for a, b in ((cpu.k, gpu.k), (cpu.v, gpu.v), (cpu.k_block.view(torch.uint8), gpu.k_block.view(torch.uint8)),
+                 (cpu.k_scale, gpu.k_scale)):
+        assert torch.equal(a, b.cpu())

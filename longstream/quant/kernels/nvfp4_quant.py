@@ -55,7 +55,7 @@ def _amax_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, STEPS: tl.constexpr):
 def _quantize_kernel(
     x_ptr, q_ptr, s_ptr, g_ptr, g_out_ptr, flag_ptr,
     M, K, stride_xm,
-    G_IS_AMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    G_IS_AMAX: tl.constexpr, G_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_K] tile of x -> packed codes [BLOCK_M, BLOCK_K/2] and scales [BLOCK_M, BLOCK_K/16]."""
     pid_m = tl.program_id(0)
@@ -71,13 +71,17 @@ def _quantize_kernel(
         nonfinite = tl.max(tl.max(tl.where(tl.abs(x) < float("inf"), 0, 1), axis=1), axis=0)
         tl.store(flag_ptr, nonfinite, mask=nonfinite > 0)
 
-    # Global scale (0-dim): either g itself or the amax bits written by _amax_kernel.
+    # Global scale, one per row [BLOCK_M]: g itself (per row, or one value for all rows) or, from the amax bits
+    # written by _amax_kernel, amax / 2688.
+    same = tl.zeros_like(rows)
     if G_IS_AMAX:
-        amax = tl.load(g_ptr).to(tl.float32, bitcast=True)
+        amax = tl.load(g_ptr + same).to(tl.float32, bitcast=True)
         g = tl.math.div_rn(amax, 2688.0)
-        tl.store(g_out_ptr, g, mask=(pid_m == 0) & (pid_k == 0))
+        tl.store(g_out_ptr + same, g, mask=(tl.arange(0, BLOCK_M) == 0) & (pid_m == 0) & (pid_k == 0))
+    elif G_PER_ROW:
+        g = tl.load(g_ptr + rows, mask=rmask, other=0.0)
     else:
-        g = tl.load(g_ptr)
+        g = tl.load(g_ptr + same)
     nonzero = g > 0.0
     g_safe = tl.where(nonzero, g, 1.0)
     inv_g = tl.math.div_rn(1.0, g_safe)
@@ -85,7 +89,7 @@ def _quantize_kernel(
     # Block scales: s = clamp((amax_block / 6) / g, 2^-6, 448), then RNE to E4M3 on the float32 bits.
     xb = tl.reshape(x, (BLOCK_M, BLOCK_K // 16, 16))
     bamax = tl.max(tl.abs(xb), axis=2)
-    s = tl.math.div_rn(tl.math.div_rn(bamax, 6.0), g_safe)
+    s = tl.math.div_rn(tl.math.div_rn(bamax, 6.0), g_safe[:, None])
     s = tl.minimum(tl.maximum(s, 0.015625), 448.0)
     u = s.to(tl.uint32, bitcast=True)
     top = (u + 0x7FFFF + ((u >> 20) & 1)) >> 20  # sign(0) | exponent(8) | 3 mantissa bits, rounded to even
@@ -93,14 +97,14 @@ def _quantize_kernel(
     s_byte = (top - 960).to(tl.uint8)  # rebias the exponent 127 -> 7: (e - 120) << 3 | m == top - 960
 
     # Elements: v = clamp(x * ((1/g) / s), -6, 6); E2M1 code by RNE thresholds; sign = signbit(v).
-    recip = tl.math.div_rn(inv_g, s_q)
+    recip = tl.math.div_rn(inv_g[:, None], s_q)
     v = xb * recip[:, :, None]
     sign = (v.to(tl.int32, bitcast=True) < 0).to(tl.int32)
     a = tl.abs(tl.minimum(tl.maximum(v, -6.0), 6.0))
     mag = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
            + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32)
            + (a > 5.0).to(tl.int32))
-    code = tl.where(nonzero, mag | (sign << 3), 0)
+    code = tl.where(nonzero[:, None, None], mag | (sign << 3), 0)
     lo, hi = tl.split(tl.reshape(code, (BLOCK_M, BLOCK_K // 2, 2)))
     packed = (lo | (hi << 4)).to(tl.uint8)
 
@@ -110,7 +114,7 @@ def _quantize_kernel(
              mask=rmask[:, None] & (hcols < half)[None, :])
     nblk = K // 16
     scols = pid_k * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)
-    tl.store(s_ptr + rows.to(tl.int64)[:, None] * nblk + scols[None, :], tl.where(nonzero, s_byte, 0),
+    tl.store(s_ptr + rows.to(tl.int64)[:, None] * nblk + scols[None, :], tl.where(nonzero[:, None], s_byte, 0),
              mask=rmask[:, None] & (scols < nblk)[None, :])
 
 
@@ -124,7 +128,9 @@ def nvfp4_quantize_triton(
 
     Args:
         x: floating tensor ``[..., K]`` with ``K % 16 == 0`` (on CUDA, or on CPU under ``TRITON_INTERPRET=1``).
-        global_scale: precomputed ``amax / 2688`` (0-dim tensor or float); default: computed from ``x`` on device.
+        global_scale: precomputed ``amax / 2688``: 0-dim tensor or float, or one per row (shape broadcasting to
+            ``[..., 1]``, as the reference allows, e.g. a per-frame scale for the KV cache); default: computed
+            from ``x`` on device.
         check_finite: read the device-side NaN/Inf flag (one host sync) and raise ``ValueError`` like the twin;
             also validates a given ``global_scale``. ``False`` keeps the call asynchronous.
     """
@@ -156,13 +162,24 @@ def nvfp4_quantize_triton(
             raise ValueError("NVFP4 quantize: input contains NaN or Inf")
         g = torch.empty((), dtype=torch.float32, device=dev)
         _quantize_kernel[grid](x2, data, scale, flag, g, flag[1:], m, k, x2.stride(0),
-                               G_IS_AMAX=True, BLOCK_M=_Q_BLOCK_M, BLOCK_K=_Q_BLOCK_K, num_warps=4)
+                               G_IS_AMAX=True, G_PER_ROW=False, BLOCK_M=_Q_BLOCK_M, BLOCK_K=_Q_BLOCK_K,
+                               num_warps=4)
     else:
-        g = torch.as_tensor(global_scale, dtype=torch.float32, device=dev).reshape(())
-        if check_finite and (not bool(torch.isfinite(g)) or bool(g < 0)):
-            raise ValueError(f"global_scale must be finite and >= 0, got {g.item()}")
-        _quantize_kernel[grid](x2, data, scale, g, g, flag[1:], m, k, x2.stride(0),
-                               G_IS_AMAX=False, BLOCK_M=_Q_BLOCK_M, BLOCK_K=_Q_BLOCK_K, num_warps=4)
+        g = torch.as_tensor(global_scale, dtype=torch.float32, device=dev)
+        per_row = g.numel() > 1
+        if per_row:  # one scale per row, as the reference allows: [..., 1] broadcasting to x.shape[:-1] + (1,)
+            if g.ndim != x.ndim or g.shape[-1] != 1 or any(a not in (1, b) for a, b in zip(g.shape, x.shape)):
+                raise ValueError(f"global_scale must be a scalar or broadcast to {tuple(lead)} + (1,), "
+                                 f"got {tuple(g.shape)}")
+            rows_g = g.expand(*lead, 1).reshape(-1).contiguous()
+        else:
+            g = g.reshape(())
+            rows_g = g
+        if check_finite and (not bool(torch.isfinite(g).all()) or bool((g < 0).any())):
+            raise ValueError("global_scale must be finite and >= 0")
+        _quantize_kernel[grid](x2, data, scale, rows_g, rows_g, flag[1:], m, k, x2.stride(0),
+                               G_IS_AMAX=False, G_PER_ROW=per_row, BLOCK_M=_Q_BLOCK_M, BLOCK_K=_Q_BLOCK_K,
+                               num_warps=4)
         if check_finite and int(flag[1].item()):
             raise ValueError("NVFP4 quantize: input contains NaN or Inf")
     return NVFP4Tensor(data, scale.view(torch.float8_e4m3fn), g)
