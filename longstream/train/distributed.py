@@ -34,7 +34,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from ..config import ConfigError, TransformerConfig
 from ..model.checkpoints import FORMAT
 from ..model.transformer import CausalWanTransformer, config_dict
-from ..parallel import BalancedLayout, ParallelContext, ParallelError, UlyssesAttention, even_splits
+from ..parallel import BalancedLayout, ParallelContext, ParallelError, UlyssesAttention, even_splits, make_layout
 from ..safetensors_io import save_atomic
 from .objectives import sample_sigmas
 
@@ -87,11 +87,15 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class ParallelTraining:
     """This rank's share of a training step on the (dp, sp) mesh of `ctx` (see the module docstring)."""
 
-    def __init__(self, ctx: ParallelContext, objective: str, chunk_frames: int, shift: float) -> None:
+    def __init__(self, ctx: ParallelContext, objective: str, chunk_frames: int, shift: float,
+                 layout: str = "balanced") -> None:
+        """`layout`: the teacher-forcing SP layout, "balanced" (what the trainer uses) or "naive" (the contiguous
+        split of `NaiveLayout`, for comparison in bench/sp_training.py)."""
         self.ctx = ctx
         self.objective = objective
         self.chunk_frames = chunk_frames
         self.shift = shift
+        self.layout = layout
         self._masks: dict[tuple[int, int], torch.Tensor] = {}
 
     @property
@@ -170,7 +174,7 @@ class ParallelTraining:
         s = s_chunk.repeat_interleave(self.chunk_frames, dim=1)  # [b, F]
         sb = s.view(b, 1, f, 1, 1)
         noisy = (1 - sb) * x0 + sb * noise
-        layout = BalancedLayout(f, self.chunk_frames, self.ctx.sp_size)
+        layout = make_layout(self.layout, f, self.chunk_frames, self.ctx.sp_size)
         seq = layout.shard(torch.cat([x0, noisy], dim=2), r, 2)
         t = layout.shard(torch.cat([torch.zeros_like(s), 1000.0 * s], dim=1), r, 1)
         positions = layout.shard(torch.arange(f, device=x0.device).repeat(2), r, 0)
@@ -229,9 +233,10 @@ class ParallelTraining:
         """`opt.state_dict()` with full tensors, as a single process writes it (rank 0; empty elsewhere)."""
         packed = opt.state_dict()
         state = {}
-        for index in sorted(packed["state"]):
+        for index in sorted(packed["state"]):  # every rank takes part in the gathers; only rank 0 keeps a copy
             entry = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in packed["state"][index].items()}
-            state[index] = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+            if self.is_main:
+                state[index] = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
         return {"state": state, "param_groups": packed["param_groups"]} if self.is_main else {}
 
     def load_optimizer_state(self, opt: torch.optim.Optimizer, packed: dict) -> None:
