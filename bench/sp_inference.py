@@ -41,17 +41,33 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from longstream.bench.e2e import E2ERequest, RowConfig, _Bench, _Clock, _num, _sync, _write_json, parse_list, plan
+from longstream.bench.e2e import (
+    E2ERequest,
+    RowConfig,
+    _Bench,
+    _Clock,
+    _num,
+    _sync,
+    _write_json,
+    parse_list,
+    plan,
+)
 from longstream.devices import resolve_device
 from longstream.errors import LongstreamError
-from longstream.parallel import ExchangeStats, ParallelContext, even_splits, ulysses
-from longstream.parallel import stream_sp
+from longstream.parallel import (
+    ExchangeStats,
+    ParallelContext,
+    even_splits,
+    stream_sp,
+    ulysses,
+)
 from longstream.parallel.stream_sp import StreamShard
 from longstream.pipeline.stream import StreamingGenerator
 from longstream.quant.linear import MODES
@@ -64,7 +80,7 @@ A2A, CODEC, GATHER = "a2a", "kv_codec", "gather"
 class CountingShard(StreamShard):
     """A `StreamShard` whose exchanges all count their bytes into one `ExchangeStats`."""
 
-    def __init__(self, group: "dist.ProcessGroup | None", kv_format: str) -> None:
+    def __init__(self, group: dist.ProcessGroup | None, kv_format: str) -> None:
         super().__init__(group, kv_format)
         self.stats = ExchangeStats()
 

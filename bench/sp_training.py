@@ -20,9 +20,12 @@ Per row: --warmup steps, then --steps timed steps, each between two device syncs
 - `rank_tokens`, `rank_loss_tokens`: tokens each rank holds and how many of them carry the loss (noisy frames),
   counted from the frames the rank is given;
 - `loss`: the last step's loss (the single-process value, as the trainer logs it).
-The dense teacher-forcing token mask [2FT, 2FT] (bool) is built on every rank: a row whose mask does not fit in
-the free memory of every GPU is reported as skipped (with the mask size) instead of run. A row that runs out of
-memory later stops the run; the JSON, rewritten after every row, keeps the finished ones.
+Before a row runs, every rank checks that the dense teacher-forcing token mask [2FT, 2FT] (bool, built on every
+rank) and the model state (16 bytes per parameter: fp32 weights, gradients and the two AdamW moments) fit in its
+GPU's free memory; if they do not on some rank, the row is reported as skipped with both sizes. Activations are not
+in that estimate (the model keeps them all: no activation checkpointing), so a row can still run out of memory,
+which stops the run; the JSON, rewritten after every row, keeps the finished ones. --layers and --height/--width
+make such rows fit (step time and memory of the blocks scale with the layer count).
 """
 
 from __future__ import annotations
@@ -61,8 +64,8 @@ def _gather(value: Any) -> list[Any]:
     return out
 
 
-def _mask_fits(nbytes: int, device: torch.device) -> bool:
-    """True on every rank when a tensor of `nbytes` fits in the free memory of every rank's GPU (always on a CPU)."""
+def _fits(nbytes: int, device: torch.device) -> bool:
+    """True on every rank when `nbytes` fit in the free memory of every rank's GPU (always on a CPU)."""
     fits = device.type != "cuda" or nbytes < torch.cuda.mem_get_info(device)[0]
     flag = torch.tensor([float(fits)], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -107,8 +110,10 @@ def run_row(a: argparse.Namespace, ctx: ParallelContext, cfg, frames: int, layou
               "rank_loss_tokens": _gather(int((mine >= frames).sum()) * a.tokens_per_frame * a.batch)}
     head = {"frames": frames, "layout": layout, "gemm": gemm, **counts}
     mask_bytes = (2 * frames * a.tokens_per_frame) ** 2
-    if not _mask_fits(mask_bytes, dev):
-        return {**head, "skipped": f"token mask {mask_bytes / 2**30:.1f} GiB exceeds free GPU memory"}
+    state_bytes = 16 * a.parameters
+    if not _fits(mask_bytes + state_bytes, dev):
+        return {**head, "skipped": f"token mask {mask_bytes / 2**30:.1f} GiB + model state {state_bytes / 2**30:.1f} "
+                                   f"GiB exceed free GPU memory"}
     row = Row(a, ctx, cfg, frames, layout, gemm)
     for i in range(a.warmup):
         row.step(i)
@@ -182,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
             if a.layers > cfg.num_layers:
                 raise LongstreamError(f"--layers {a.layers} exceeds the preset's {cfg.num_layers}")
             cfg = dataclasses.replace(cfg, num_layers=a.layers)
+        with torch.device("meta"):
+            a.parameters = sum(p.numel() for p in CausalWanTransformer(cfg).parameters())
         a.latent_hw = preset.latent_size(a.height, a.width)
         a.tokens_per_frame = preset.tokens_per_frame(a.height, a.width)
         a.chunk_frames = preset.stream.chunk_frames
@@ -205,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "sp": ctx.sp_size, "preset": preset.name,
         "layers": cfg.num_layers, "height": a.height or preset.height, "width": a.width or preset.width,
         "tokens_per_frame": a.tokens_per_frame, "chunk_frames": a.chunk_frames, "batch": a.batch,
-        "text_tokens": a.text_tokens, "warmup": a.warmup, "steps": a.steps, "seed": a.seed, "optimizer": "AdamW",
+        "parameters": a.parameters, "text_tokens": a.text_tokens, "warmup": a.warmup, "steps": a.steps,
+        "seed": a.seed, "optimizer": "AdamW",
         "rows": [],
     }
     for frames in frames_list:
