@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from .config import PRESETS
@@ -121,6 +122,8 @@ def _run_world(args: argparse.Namespace) -> None:
 
     if (args.frames - 1) % 4:
         raise UsageError(f"--frames must be 1 + 4k (a causal video VAE), got {args.frames}")
+    if args.size % 16:
+        raise UsageError(f"--size must be a multiple of 16 (VAE x8, patch 2), got {args.size}")
     out = build_world_dataset(args.vae, args.output, clips=args.clips, frames=args.frames, size=args.size,
                               seed=args.seed, device=resolve_device(args.device), progress=not args.quiet)
     print(f"dataset in {out}")
@@ -149,6 +152,8 @@ def _run_eval(args: argparse.Namespace) -> None:
     from .eval.world_eval import eval_set, evaluate, format_table, write_json
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise UsageError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
     result = evaluate(eval_set(args.prompts, args.switches, args.seed), modes, checkpoint=args.checkpoint,
                       steps=args.steps, seed=args.seed, device=args.device, progress=not args.quiet)
     print(format_table(result))

@@ -30,6 +30,19 @@ def vae_config(tmp_path, **kw):
     return TrainConfig(**base)
 
 
+def test_unclamped_decode_equals_diffusers_decode_inside_the_range():
+    from longstream.train.vae_objective import decode_unclamped
+
+    vae = build_vae("test-wan2.1", seed=8)
+    z = torch.randn(2, 16, 3, 4, 4)
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(100.0)  # push outputs past [-1, 1]
+        ref = vae.decode(z).sample
+        out = decode_unclamped(vae, z)
+    assert out.shape == ref.shape and (out.abs() > 1).any()  # something to clamp, so the test can tell
+    assert torch.allclose(out.clamp(-1, 1), ref, atol=1e-5)
+
+
 def test_world_videos_are_deterministic_crops():
     a = world_videos(1, 5, 0, 3, 5, 128, crop=32)
     assert a.shape == (3, 3, 5, 32, 32) and a.min() >= -1 and a.max() <= 1
@@ -111,9 +124,12 @@ def test_world_dataset_is_normalized_and_resumable(tmp_path):
     with torch.no_grad():
         expected = normalize(fitted, fitted.encode(video).latent_dist.mean)
     assert torch.allclose(data.load(0)[0], expected[0], atol=1e-5)
-    assert build_world_dataset(tmp_path / "vae.safetensors", out, clips=5, frames=9, size=32, batch=2,
-                               progress=False) == out
+    assert build_world_dataset(tmp_path / "vae.safetensors", out, clips=5, frames=9, size=32, stats_clips=5,
+                               batch=2, progress=False) == out
     assert len((out / "clips.jsonl").read_text().splitlines()) == 5  # nothing encoded twice
+    with pytest.raises(LongstreamError, match="made with size=32, now size=48"):  # a stale folder is refused
+        build_world_dataset(tmp_path / "vae.safetensors", out, clips=5, frames=9, size=48, stats_clips=5,
+                            progress=False)
 
 
 def test_eval_scores_the_world_perfectly_and_states_chance(tmp_path):
@@ -123,7 +139,7 @@ def test_eval_scores_the_world_perfectly_and_states_chance(tmp_path):
     assert evals == eval_set(2, 2, seed=3)
     result = evaluate(evals, ["bf16"], preset_name="tiny", shot_chunks=2, device="cpu", progress=False)
     world = result["rows"]["world"]
-    assert world["colour"] == world["shape"] == world["switch"] == 100.0
+    assert world["colour"] == world["shape"] == world["motion"] == world["switch"] == world["object_found"] == 100.0
     assert result["chance"]["colour"] == pytest.approx(100 / 7, abs=0.1)
     assert set(result["rows"]["bf16"]) == set(world)
     assert "chance" in format_table(result)

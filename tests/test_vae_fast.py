@@ -36,6 +36,20 @@ def test_accelerated_decode_equals_plain_decode():
     assert torch.allclose(streamed, out, atol=1e-5)
 
 
+def test_onednn_conv_is_used_for_inference_only(monkeypatch):
+    calls = []
+    real = torch.ops.aten.mkldnn_convolution
+    monkeypatch.setattr(torch.ops.aten, "mkldnn_convolution", lambda *a: calls.append(1) or real(*a))
+    conv = WanCausalConv3d(4, 6, 3, padding=1)
+    conv.__class__ = FastCausalConv3d
+    x = torch.randn(1, 4, 3, 5, 5)
+    with torch.no_grad():
+        conv(x)
+    assert calls == [1]
+    conv(x).sum().backward()  # autograd: the original path
+    assert calls == [1]
+
+
 def test_accelerated_layers_keep_gradients():
     """Training goes through the original autograd paths: gradients equal the plain layers'."""
     torch.manual_seed(1)

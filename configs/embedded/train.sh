@@ -2,7 +2,8 @@
 # Train the embedded model end to end and export it to longstream/assets/embedded/ (run from the repo root).
 # Every stage resumes from its latest checkpoint, so the script can be re-run after an interruption.
 #   STAGES="vae world base tf dmd lora export" (the default: all, in order) picks stages;
-#   QUICK=1 runs 2 steps of each stage on 16 clips (a smoke test of the recipe);
+#   QUICK=1 runs 2 steps of each stage on 16 clips (a smoke test of the recipe; use a fresh checkout or remove
+#     runs/embedded first) and exports to runs/embedded/export_quick;
 #   EXPORT=DIR writes the exported files to DIR instead of the package; QUIET=1 hides progress bars.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -10,7 +11,9 @@ runs=runs/embedded
 cli=(python -m longstream.cli)
 quick=()
 clips=1500
-if [[ "${QUICK:-0}" == 1 ]]; then quick=(--steps 2); clips=16; fi
+if [[ "${QUICK:-0}" == 1 ]]; then  # a smoke test never replaces the package's weights
+  quick=(--steps 2); clips=16; EXPORT="${EXPORT:-$runs/export_quick}"
+fi
 quiet=()
 if [[ "${QUIET:-0}" == 1 ]]; then quiet=(--quiet); fi
 weights() { python -c "from longstream.train.trainer import run_weights as w; print(w('$1', ('$2',)))"; }

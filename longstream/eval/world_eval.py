@@ -178,4 +178,8 @@ def format_table(result: dict) -> str:
 
 
 def write_json(result: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    """Write atomically (a temporary file beside it, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)

@@ -121,7 +121,7 @@ def _vae(req: GenerateRequest, preset: Preset, device: torch.device) -> Autoenco
 
         vae = load_vae(assets.embedded_file(assets.VAE), device=device)
     else:
-        vae = build_vae(preset.vae.kind, device=device)
+        vae = build_vae(preset.vae.kind, seed=0, device=device)  # the same random weights on every rank and run
     if vae.config.z_dim != preset.transformer.in_channels:
         raise UsageError(f"the VAE has {vae.config.z_dim} latent channels but preset {preset.name}'s transformer "
                          f"takes {preset.transformer.in_channels}")
@@ -152,6 +152,8 @@ class Models:
 def load_models(req: GenerateRequest, preset: Preset, device: torch.device) -> Models:
     """Transformer (with --lora and --linear applied), VAE and text encoder of a request, in eval mode."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    encoder = _text_encoder(req, preset, device)  # text encoder and VAE first: their checks are cheap
+    vae = _vae(req, preset, device)
     model = _transformer(req, preset, device, dtype).eval()
     if req.lora:
         from ..model.lora import load_lora
@@ -161,8 +163,7 @@ def load_models(req: GenerateRequest, preset: Preset, device: torch.device) -> M
         from ..quant import quantize_model
 
         quantize_model(model, req.linear)
-    encoder = _text_encoder(req, preset, device)  # first: its checks are cheap
-    return Models(model, _vae(req, preset, device), encoder)
+    return Models(model, vae, encoder)
 
 
 def generate_video(req: GenerateRequest) -> Path:

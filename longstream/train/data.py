@@ -14,6 +14,7 @@ is known from (seed, step) alone: a resumed run sees exactly the data an uninter
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -25,6 +26,7 @@ from ..model.checkpoints import CheckpointError, read_safetensors
 from ..safetensors_io import save_atomic
 
 INDEX = "clips.jsonl"
+CACHE_BYTES = 2 << 30  # clip latents kept in memory per dataset (least recently used dropped first)
 
 
 class DataError(LongstreamError):
@@ -86,7 +88,8 @@ class LatentClipDataset:
         if not self.examples:
             raise DataError(f"{self.root}: no shot has {clip_frames} latent frames or more")
         self.clip_frames = clip_frames
-        self._files: dict[Path, torch.Tensor] = {}
+        self._files: OrderedDict[Path, torch.Tensor] = OrderedDict()  # least recently used first
+        self._cached_bytes = 0
 
     @staticmethod
     def _latent_shape(path: Path) -> tuple[int, ...]:
@@ -103,8 +106,14 @@ class LatentClipDataset:
 
     def load(self, i: int) -> tuple[torch.Tensor, str]:
         ex = self.examples[i]
-        if ex.file not in self._files:  # clip files are written once (atomically): keep them in memory
-            self._files[ex.file] = read_safetensors(ex.file)[0]["latents"].float()
+        if ex.file in self._files:  # clip files are written once (atomically): a cached copy stays valid
+            self._files.move_to_end(ex.file)
+        else:
+            latents = read_safetensors(ex.file)[0]["latents"].float()
+            self._files[ex.file] = latents
+            self._cached_bytes += latents.nbytes
+            while self._cached_bytes > CACHE_BYTES and len(self._files) > 1:
+                self._cached_bytes -= self._files.popitem(last=False)[1].nbytes
         return self._files[ex.file][:, ex.start : ex.start + self.clip_frames], ex.prompt
 
     def batch_indices(self, step: int, batch_size: int, seed: int) -> list[int]:

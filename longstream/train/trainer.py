@@ -182,6 +182,14 @@ class Trainer:
             check_layout(config.objective, config.sp, world, config.batch_size, config.clip_frames,
                          self.chunk_frames, self.preset.transformer)
         self.ctx = ParallelContext.from_env(config.sp, device=resolve_device(config.device))
+        try:
+            self._build(world)
+        except BaseException:  # a failed build must not leave the process group behind
+            self.ctx.close()
+            raise
+
+    def _build(self, world: int) -> None:
+        config = self.cfg
         self.device = self.ctx.device
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights, TF32 tensor-core matmuls
@@ -304,9 +312,10 @@ class Trainer:
         return total
 
     def _autocast(self) -> torch.autocast:
-        """On CUDA with `gemm: bf16`, forward passes run their matmuls and convolutions in bf16 (weights, optimizer
-        and loss stay fp32); on the CPU, and with fp8/nvfp4 training linears, everything runs as written."""
-        enabled = self.device.type == "cuda" and self.cfg.gemm == "bf16"
+        """Transformer objectives on CUDA with `gemm: bf16` run their forward matmuls in bf16 (weights, optimizer
+        and loss stay fp32); the VAE, the CPU, and fp8/nvfp4 training linears run as written (dmd has its own
+        step, not autocast)."""
+        enabled = self.device.type == "cuda" and self.cfg.gemm == "bf16" and self.cfg.objective != "vae"
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def _dmd_step(self, step: int, generator: torch.Generator) -> float:
@@ -456,7 +465,8 @@ class Trainer:
                 self._load_into(self.ema, latest / "ema.safetensors")
             else:
                 self.ema.load_state_dict(self.model.state_dict())
-        optim = torch.load(latest / "optimizer.pt", map_location=self.device, weights_only=True)
+        where = "cpu" if self.parallel is not None else self.device  # several ranks: shard from host memory
+        optim = torch.load(latest / "optimizer.pt", map_location=where, weights_only=True)
         if self.dmd is not None:
             self._load_into(self.dmd.critic, latest / "critic.safetensors")
             self.dmd.critic_opt.load_state_dict(optim["critic"])

@@ -11,18 +11,37 @@ Steps, all resumable:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKLWan
 from tqdm import tqdm
 
 from ..vae import encode_chunked, num_latent_frames
 from ..vae.checkpoints import load_vae, save_vae
-from .data import write_clip
+from .data import INDEX, DataError, write_clip
 from .precompute import done_clips
 from .world import sample_clip
 
 VAE_FILE = "vae.safetensors"
+SETTINGS_FILE = "world.json"  # what the folder was made from: a later call must ask for the same
+
+
+def _check_settings(out: Path, settings: dict) -> None:
+    """Record `settings` in a new folder; in an existing one, refuse different settings (one line)."""
+    path = out / SETTINGS_FILE
+    if not path.is_file():
+        if (out / VAE_FILE).exists() or (out / INDEX).exists():
+            raise DataError(f"{out}: a dataset folder without {SETTINGS_FILE}; use a new folder")
+        path.write_text(json.dumps(settings, indent=2) + "\n")
+        return
+    stored = json.loads(path.read_text())
+    diff = [k for k in settings if stored.get(k) != settings[k]]
+    if diff:
+        k = diff[0]
+        raise DataError(f"{out}: made with {k}={stored.get(k)!r}, now {k}={settings[k]!r}; use a new folder to "
+                        "change it")
 
 
 def _render(first: int, count: int, frames: int, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
@@ -31,7 +50,7 @@ def _render(first: int, count: int, frames: int, size: int, seed: int) -> tuple[
 
 
 @torch.no_grad()
-def latent_statistics(vae, clips: int, frames: int, size: int, seed: int, batch: int = 16
+def latent_statistics(vae: AutoencoderKLWan, clips: int, frames: int, size: int, seed: int, batch: int = 16
                       ) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of the posterior means (VAE space) over `clips` world clips."""
     param = next(vae.parameters())
@@ -55,6 +74,12 @@ def build_world_dataset(vae_path: str | Path, out: str | Path, *, clips: int, fr
     num_latent_frames(frames)  # validates 1 + 4k
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    source = Path(vae_path)
+    if not source.is_file():
+        raise DataError(f"{source}: no such VAE file")
+    _check_settings(out, {"vae": str(source.resolve()), "vae_bytes": source.stat().st_size,
+                          "vae_mtime_ns": source.stat().st_mtime_ns, "frames": frames, "size": size, "seed": seed,
+                          "stats_clips": stats_clips})
     if not (out / VAE_FILE).is_file():
         vae = load_vae(vae_path, device=device)
         mean, std = latent_statistics(vae, stats_clips, frames, size, seed)

@@ -9,7 +9,8 @@ Measured on 2 CPU cores (the tiny VAE decoding 128x128 video), two things took 8
   the oneDNN convolution directly for float32 CPU inference (10-15x faster on these layers).
 
 Parameters and state dict are unchanged (the new classes subclass diffusers' ones), so `accelerate` can be
-applied to any loaded VAE; training (autograd) and non-CPU tensors take the original code paths.
+applied to any loaded VAE. The convolution takes the original path for autograd and non-CPU tensors; the norm's
+arithmetic is used everywhere (it upcasts to float32 like diffusers' does for half precision).
 """
 
 from __future__ import annotations
