@@ -187,3 +187,16 @@ def test_sp_without_torchrun_is_one_line(tmp_path, capsys):
     assert main(["generate", "--preset", "tiny", "--prompt", "x", "--sp", "2", "--output", str(tmp_path / "o.mp4")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "torchrun" in err[0]
+
+
+def test_default_generate_uses_the_shipped_embedded_model(tmp_path, capsys):
+    """No --preset, no --checkpoint: the embedded model's weights (128x128 at 16 fps); prompts outside its world
+    get one note on stderr, prompts from its grammar none."""
+    out = tmp_path / "e.mp4"
+    assert main(["generate", "--prompt", "a red circle moves left on a gray background", "--seconds", "0.5",
+                 "--quiet", "-o", str(out)]) == 0
+    assert read_video_info(out) == (8, 128, 128, 16)
+    assert capsys.readouterr().err == ""
+    assert main(["generate", "--prompt", "a dog runs", "--seconds", "0.5", "--quiet", "-o", str(out)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "outside the embedded model's world" in err[0]

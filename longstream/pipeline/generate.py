@@ -7,6 +7,7 @@ any model is built, and the MP4 is written atomically, so a failed or interrupte
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,20 @@ def _shots(req: GenerateRequest) -> list[Shot]:
     if not req.prompts:
         raise UsageError("give --prompt or --prompts")
     return shots_from_prompts(req.prompts, 4.0 if req.seconds is None else req.seconds)
+
+
+def _warn_outside_world(shots: list[Shot]) -> None:
+    """The shipped model only knows its world's grammar: say so (once, on stderr) for other prompts."""
+    from ..train.world import parse_prompt
+
+    for shot in shots:
+        try:
+            parse_prompt(shot.prompt)
+        except ValueError:
+            print(f"longstream: note: {shot.prompt!r} is outside the embedded model's world (prompts like "
+                  "\"a red circle moves left on a gray background\"; see README); generating anyway",
+                  file=sys.stderr)
+            return
 
 
 def _output_path(path: str) -> Path:
@@ -167,9 +182,12 @@ def load_models(req: GenerateRequest, preset: Preset, device: torch.device) -> M
 
 
 def generate_video(req: GenerateRequest) -> Path:
+    shipped = req.preset == "embedded" and not req.checkpoint
     req = with_embedded_weights(req)
     preset = get_preset(req.preset)
     shots = _shots(req)
+    if shipped:
+        _warn_outside_world(shots)
     height = preset.height if req.height is None else req.height
     width = preset.width if req.width is None else req.width
     latent_hw = preset.latent_size(height, width)
