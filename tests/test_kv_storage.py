@@ -83,3 +83,21 @@ def test_nvfp4_write_on_gpu_equals_the_cpu_reference():
     for a, b in ((cpu.k, gpu.k), (cpu.v, gpu.v), (cpu.k_block.view(torch.uint8), gpu.k_block.view(torch.uint8)),
                  (cpu.k_scale, gpu.k_scale)):
         assert torch.equal(a, b.cpu())
+
+
+@pytest.mark.parametrize("fmt,cls", [("fp8", FP8KVStorage), ("nvfp4", NVFP4KVStorage)])
+def test_storing_the_exchange_fields_equals_writing_the_values(fmt, cls):
+    """`write_fields` with the sequence-parallel wire fields stores the bytes `write` stores for the values."""
+    from longstream.parallel.ulysses import quantize_kv
+
+    k = torch.randn(2, 3, 2 * T, 32) * torch.logspace(-3, 3, 2).repeat_interleave(T)[None, None, :, None]
+    v = torch.randn(2, 3, 2 * T, 32)
+    index = frame_index([3, 1])
+    a, b = (cls(2, 3, 4 * T, 32, torch.float32, "cpu", tokens_per_frame=T) for _ in range(2))
+    a.write(index, k, v)
+    b.write_fields(index, quantize_kv(k, fmt, T), quantize_kv(v, fmt, T))
+    for name, buf in vars(a).items():
+        if isinstance(buf, torch.Tensor):
+            other = vars(b)[name]
+            assert torch.equal(buf.view(torch.uint8) if buf.dtype == torch.float8_e4m3fn else buf,
+                               other.view(torch.uint8) if other.dtype == torch.float8_e4m3fn else other), name

@@ -191,3 +191,22 @@ def test_bytes_formula():
     assert nv["k"] == 1760 * 18 * 72 + 2 * 18 * 4  # 72 bytes per token-head + one float32 per frame-head
     fp8 = attention_bytes_sent(seq, heads, 128, 0, kv_format="fp8", tokens_per_frame=t)
     assert fp8["v"] == 1760 * 18 * 128 + 2 * 18 * 4
+
+
+def test_quantized_exchange_hands_fields_to_a_fields_consumer():
+    """With `fields_inner` the receiver gets the wire fields (no dequantize): what a same-format cache stores."""
+    from longstream.parallel.ulysses import dequantize_kv, quantize_kv
+
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in range(3))
+    seen = {}
+
+    def consume(layer, qh, kf, vf, mask):
+        seen["k"], seen["v"] = kf, vf
+        return attention(qh, dequantize_kv(kf, "nvfp4", 4, qh.dtype), dequantize_kv(vf, "nvfp4", 4, qh.dtype), mask)
+
+    sp = UlyssesAttention(None, [8], kv_format="nvfp4", tokens_per_frame=4, fields_inner=consume)
+    with torch.no_grad():
+        out = sp(0, q, k, v)
+    want = quantize_kv(k, "nvfp4", 4)
+    assert all(torch.equal(a, b) for a, b in zip(seen["k"], want))
+    assert torch.equal(out, UlyssesAttention(None, [8], kv_format="nvfp4", tokens_per_frame=4)(0, q, k, v))

@@ -191,6 +191,18 @@ class KVCache:
         keys, values = store.read(length)
         return attention(q, keys, values, None if key_mask is None else key_mask[None, :])
 
+    def attend_fields(self, layer: int, q: torch.Tensor, k_fields, v_fields) -> torch.Tensor:
+        """`attend` with K and V already quantized in this cache's format (the wire fields of the sequence-parallel
+        exchange, `parallel.ulysses.quantize_kv`): stored as they are, so the cache holds the same bytes as a
+        single process quantizing the original values."""
+        if self._attend_state is None:
+            raise RuntimeError("attend_fields() outside a chunk: call begin_chunk() first")
+        index, length, key_mask = self._attend_state
+        store = self.layers[layer]
+        store.write_fields(index, k_fields, v_fields)
+        keys, values = store.read(length)
+        return attention(q, keys, values, None if key_mask is None else key_mask[None, :])
+
     def write_frames(
         self, layer: int, slots: Sequence[int], k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

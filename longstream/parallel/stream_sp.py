@@ -10,6 +10,8 @@ the result equals a single-process run.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -34,13 +36,15 @@ class StreamShard:
         return even_splits(heads, self.world)[self.rank]
 
     def attention(
-        self, inner: MaskedAttention, frames: int, tokens_per_frame: int, mask: torch.Tensor | None = None
+        self, inner: MaskedAttention, frames: int, tokens_per_frame: int, mask: torch.Tensor | None = None,
+        fields_inner: Callable[..., torch.Tensor] | None = None,
     ) -> UlyssesAttention:
-        """Self-attention over `frames` frames shared by the ranks; `inner` works on head shards in frame order.
+        """Self-attention over `frames` frames shared by the ranks; `inner` works on head shards in frame order
+        (`fields_inner`, when given, takes quantized K/V as they arrive instead: see `UlyssesAttention`).
         The result is a `(layer, q, k, v)` function and, through `.attend`, a stand-in for a cache."""
         splits = [n * tokens_per_frame for n in even_splits(frames, self.world)]
         return UlyssesAttention(self.group, splits, inner, mask=mask, kv_format=self.kv_format,
-                                tokens_per_frame=tokens_per_frame)
+                                tokens_per_frame=tokens_per_frame, fields_inner=fields_inner)
 
     def gather(self, local: torch.Tensor, frames: int, dim: int) -> torch.Tensor:
         """All ranks' shares of a `frames`-frame tensor, concatenated along `dim`."""

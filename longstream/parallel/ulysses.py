@@ -16,7 +16,8 @@ Layouts (P ranks of an SP group, group rank r):
 Quantized K/V exchange (`kv_format`): "dense" sends K and V as they are; "fp8" and "nvfp4" send them in the
 formats of `longstream.quant.kv_storage` (one float32 scale per (batch, head, latent frame); NVFP4 1x16 blocks
 along head_dim with E4M3 block scales), packed as bytes with their scales into the same all-to-all as Q, and
-dequantized by the receiver. Quantization is per (batch, head, frame), so each sequence shard must hold whole
+dequantized by the receiver, or (`fields_inner`) handed over as they arrive, e.g. to a KV cache of the same
+format that stores them without quantizing again (`KVCache.attend_fields`). Quantization is per (batch, head, frame), so each sequence shard must hold whole
 latent frames and the result equals `fake_quantize_kv` applied to the whole sequence. Q and the attention
 output always travel in the compute dtype. Float8 is sent as uint8 (gloo has no float8).
 """
@@ -24,7 +25,7 @@ output always travel in the compute dtype. Float8 is sent as uint8 (gloo has no 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -377,6 +378,7 @@ class UlyssesAttention:
         kv_format: str = "dense",
         tokens_per_frame: int | None = None,
         stats: ExchangeStats | None = None,
+        fields_inner: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         if kv_format not in KV_FORMATS:
             raise ValueError(f"unknown KV format {kv_format!r}; choose one of {', '.join(KV_FORMATS)}")
@@ -389,6 +391,7 @@ class UlyssesAttention:
         self.kv_format = kv_format
         self.tokens_per_frame = tokens_per_frame or 1
         self.stats = stats if stats is not None else ExchangeStats()
+        self.fields_inner = fields_inner
 
     @property
     def world(self) -> int:
@@ -415,9 +418,16 @@ class UlyssesAttention:
         if self.kv_format == "dense":
             qh, kh, vh = exchange([q, k, v], self.group, 1, 2, [heads] * 3, [seq] * 3,
                                   names=["q", "k", "v"], stats=self.stats)
+            out = self.inner(layer, qh, kh, vh, mask)
         else:
-            qh, kh, vh = self._exchange_quantized(q, k, v, heads)
-        out = self.inner(layer, qh, kh, vh, mask)
+            qh, kf, vf = self._exchange_quantized(q, k, v, heads)
+            if self.fields_inner is not None:  # e.g. a quantized cache that stores the fields as they come
+                out = self.fields_inner(layer, qh, kf, vf, mask)
+            else:
+                t = self.tokens_per_frame
+                kh = dequantize_kv(kf, self.kv_format, t, q.dtype)
+                vh = dequantize_kv(vf, self.kv_format, t, q.dtype)
+                out = self.inner(layer, qh, kh, vh, mask)
         return exchange([out.to(q.dtype)], self.group, 2, 1, [seq], [heads], names=["out"], stats=self.stats)[0]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -438,9 +448,7 @@ class UlyssesAttention:
         recv = [self.seq_splits] + ([self.seq_splits] * (n - 1) + [frames]) * 2
         names = ["q"] + ["k"] * n + ["v"] * n
         got = exchange(fields, self.group, 1, 2, [heads] * len(fields), recv, names=names, stats=self.stats)
-        kh = dequantize_kv(got[1: 1 + n], self.kv_format, t, q.dtype)
-        vh = dequantize_kv(got[1 + n:], self.kv_format, t, q.dtype)
-        return got[0], kh, vh
+        return got[0], got[1: 1 + n], got[1 + n:]
 
 
 def cache_attention(cache, group: "dist.ProcessGroup | None", seq_splits: Sequence[int], **kwargs) -> UlyssesAttention:

@@ -174,7 +174,10 @@ class StreamingGenerator:
             return self.model.forward_stream(x, t, text, cache, pos, need_output)
         frames = x.shape[2]
         lo, hi = self.shard.frame_range(frames)
+        direct = None  # quantized K/V in the cache's own format go into it as they arrive, not re-quantized
+        if self.shard.kv_format != "dense" and self.shard.kv_format == self.kv_storage:
+            direct = lambda layer, q, kf, vf, mask: cache.attend_fields(layer, q, kf, vf)  # noqa: E731
         exchange = self.shard.attention(lambda layer, q, k, v, mask: cache.attend(layer, q, k, v), frames,
-                                        self.tokens_per_frame)
+                                        self.tokens_per_frame, fields_inner=direct)
         out = self.model.forward_stream(x[:, :, lo:hi], t, text, exchange, pos[lo:hi], need_output)
         return None if out is None else self.shard.gather(out, frames, dim=2)

@@ -12,6 +12,7 @@ values) of that head when the frame is written.
 from __future__ import annotations
 
 import importlib.util
+from typing import Sequence
 
 import torch
 
@@ -36,12 +37,14 @@ class _FrameScaledStorage:
 
     def _frames(self, index: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots written and x regrouped per frame: [B, H, n_frames, T, D]."""
+        b, h, n, d = x.shape
+        return self._slots(index), x.float().reshape(b, h, n // self.tokens_per_frame, self.tokens_per_frame, d)
+
+    def _slots(self, index: torch.Tensor) -> torch.Tensor:
         t = self.tokens_per_frame
         if index.numel() % t:
             raise ValueError("quantized KV storage is written whole frames at a time")
-        slots = index.reshape(-1, t)[:, 0] // t
-        b, h, n, d = x.shape
-        return slots, x.float().reshape(b, h, n // t, t, d)
+        return index.reshape(-1, t)[:, 0] // t
 
     def _scale_per_token(self, scale: torch.Tensor, length: int) -> torch.Tensor:
         return scale[:, :, : length // self.tokens_per_frame].repeat_interleave(self.tokens_per_frame, dim=2)
@@ -67,6 +70,15 @@ class FP8KVStorage(_FrameScaledStorage):
             q, scale = self.quantize(frames)
             store.view(torch.uint8).index_copy_(2, index, q.flatten(2, 3).view(torch.uint8))
             scales.index_copy_(2, slots, scale)
+
+    def write_fields(self, index: torch.Tensor, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> None:
+        """Store already-quantized K, V as `parallel.ulysses.quantize_kv` sends them (payload uint8 [B, H, n, D],
+        scale [B, H, n_frames, 1]): the bytes a `write` of the original values would store, without a second
+        quantization."""
+        slots = self._slots(index)
+        for (payload, scale), store, scales in ((k, self.k, self.k_scale), (v, self.v, self.v_scale)):
+            store.view(torch.uint8).index_copy_(2, index, payload)
+            scales.index_copy_(2, slots, scale[..., 0])
 
     def read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.k.is_cuda and _HAS_TRITON:  # one-pass Triton decode, bit-identical to the reference below
@@ -114,6 +126,17 @@ class NVFP4KVStorage(_FrameScaledStorage):
             store.index_copy_(2, index, q.data.flatten(2, 3))
             blocks.view(torch.uint8).index_copy_(2, index, q.scale.flatten(2, 3).view(torch.uint8))
             scales.index_copy_(2, slots, g)
+
+    def write_fields(self, index: torch.Tensor, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> None:
+        """Store already-quantized K, V as `parallel.ulysses.quantize_kv` sends them (codes [B, H, n, D/2], block
+        scales uint8 [B, H, n, D/16], frame scale [B, H, n_frames, 1]), without a second quantization (which
+        would not reproduce the bytes: NVFP4 re-rounds block scales)."""
+        slots = self._slots(index)
+        for (codes, block, g), store, blocks, scales in ((k, self.k, self.k_block, self.k_scale),
+                                                         (v, self.v, self.v_block, self.v_scale)):
+            store.index_copy_(2, index, codes)
+            blocks.view(torch.uint8).index_copy_(2, index, block)
+            scales.index_copy_(2, slots, g[..., 0])
 
     def read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         parts = ((self.k, self.k_block, self.k_scale), (self.v, self.v_block, self.v_scale))
