@@ -58,6 +58,7 @@ from longstream.bench.e2e import (
     _write_json,
     parse_list,
     plan,
+    render_table,
 )
 from longstream.devices import resolve_device
 from longstream.errors import LongstreamError
@@ -248,12 +249,11 @@ def format_table(result: dict[str, Any]) -> str:
                       _num(r.get("efficiency"), ".2f"), f"{r['a2a_ms']:.1f}", f"{r['kv_codec_ms']:.1f}",
                       f"{r['gather_ms']:.1f}", f"{r['a2a_bytes_per_chunk'] / 1e6:.2f}",
                       f"{r['kv_bytes_per_chunk'] / 1e6:.2f}", _num(max(peaks) if peaks else None, ".2f")])
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
     title = (f"{result['device']}  SP={result['sp']}  {result['preset']}  {result['width']}x{result['height']}  "
              f"{result['tokens_per_frame']} tokens/frame  chunk {result['chunk_frames']} / window "
              f"{result['window_frames']}  {result['linear']} linears, {result['kv_cache']} cache, {result['dtype']}; "
              f"measured chunks {result['first_measured_chunk'] + 1}..{result['chunks']}")
-    return "\n".join([title, *("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)])
+    return "\n".join(render_table(title, cells))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from longstream.bench.e2e import _num, _sync, _write_json, parse_list
+from longstream.bench.e2e import _num, _sync, _write_json, parse_list, render_table
 from longstream.config import get_preset
 from longstream.errors import LongstreamError
 from longstream.model.transformer import CausalWanTransformer
@@ -146,12 +146,11 @@ def format_table(result: dict[str, Any]) -> str:
             continue
         cells.append([str(r["frames"]), r["layout"], r["gemm"], f"{r['step_s']:.3f}",
                       _num(max(peaks) if peaks else None, ".2f"), loss_tokens, f"{r['loss']:.4f}"])
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
     title = (f"{result['device']}  SP={result['sp']}  {result['preset']} ({result['layers']} layers)  "
              f"{result['width']}x{result['height']}  {result['tokens_per_frame']} tokens/frame  chunk "
              f"{result['chunk_frames']}  batch {result['batch']}  {result['steps']} timed steps after "
              f"{result['warmup']}")
-    return "\n".join([title, *("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)])
+    return "\n".join(render_table(title, cells))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,12 +25,7 @@ ROOFLINE = {"flops_per_frame", "linear_flops_per_frame", "attention_flops_per_fr
             "compute_bound_fps", "memory_bound_fps", "ceiling_fps", "bound", "dit_fraction"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tiny_sweep_prints_a_table_and_writes_json(tmp_path, capsys):

@@ -21,7 +21,7 @@ from longstream.model.lora import load_lora, merge_lora
 from longstream.model.transformer import CausalWanTransformer
 from longstream.vae import vae_config
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # heads 2 x 16 = 32 wide: every linear is a multiple of 16, so fp8/nvfp4 quantize all of them
 SHAPE = dict(heads=2, head_dim=16, layers=2, ffn=32, cin=4, cout=4, text_dim=16, freq_dim=32)

@@ -15,12 +15,7 @@ from longstream.vae import build_vae, normalize
 from longstream.vae.checkpoints import load_vae, save_vae
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def vae_config(tmp_path, **kw):

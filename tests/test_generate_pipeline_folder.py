@@ -18,12 +18,7 @@ from longstream.vae import build_vae  # noqa: E402
 WORDS = "a red ball bounces blue".split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tokenizer(folder):

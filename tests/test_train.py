@@ -12,13 +12,7 @@ from longstream.train.trainer import TrainConfig, Trainer, TrainingError
 PROMPTS = ["a red ball", "a blue square", "a green ring"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread than fighting over two cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_dataset(root, clips=6, frames=8, hw=(4, 4)):

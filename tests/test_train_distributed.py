@@ -122,12 +122,7 @@ def result(runs, world: int, name: str) -> dict:
     return torch.load(path, weights_only=True)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def single(data: Path, output: Path, **kw) -> Trainer:

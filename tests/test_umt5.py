@@ -11,7 +11,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from longstream.text.umt5 import MAX_LENGTH, TextEncoderError, UMT5Encoder, clean_prompt  # noqa: E402
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 WORDS = "a red ball bounces on the blue floor cat walks in grass".split()
 
 

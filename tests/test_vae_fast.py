@@ -10,12 +10,7 @@ from longstream.vae.checkpoints import load_vae, save_vae
 from longstream.vae.fast import FastCausalConv3d, FastRMSNorm, accelerate
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_accelerated_decode_equals_plain_decode():

@@ -628,6 +628,12 @@ def _num(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def render_table(title: str, cells: list[list[str]]) -> list[str]:
+    """`title`, then `cells` (header row first) as right-aligned columns two spaces apart."""
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
+    return [title, *("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)]
+
+
 COLUMNS = ("steps", "linear", "kv", "async", "FPS", "DiT FPS", "TTFF s", "peak GiB", "lin ms", "attn ms",
            "cache ms", "VAE ms", "other ms", "lat err", "ceiling")
 
@@ -647,12 +653,11 @@ def format_table(result: dict[str, Any]) -> str:
             _num(row["latent_rel_error"], ".2e"), _num(roof["ceiling_fps"], ".1f"),
         ])
         seen.setdefault((row["steps"], row["linear"], row["kv_cache"]), roof)
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
     title = (f"{r['device']}  {r['preset']}  {r['width']}x{r['height']}  chunk {r['chunk_frames']} / window "
              f"{r['window_frames']} / sink {r['sink_frames']} latent frames  {r['chunks']} chunks (measured from "
              f"chunk {r['first_measured_chunk'] + 1})  {r['dtype']}  "
              f"{'compile ' + r['compile'] if r['compile'] else 'eager'}")
-    lines = [title, *("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)]
+    lines = render_table(title, cells)
     lines.append(f"roofline (DiT, per video frame; peaks {', '.join(f'{k} {v:g}' for k, v in r['peak_tflops'].items())}"
                  f" TFLOP/s, {r['peak_tbps']:g} TB/s):")
     for (steps, linear, kv), roof in seen.items():

@@ -183,23 +183,21 @@ class KVCache:
     # -- attention ----------------------------------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Self-attention of the pending chunk: write its k, v [B, H, S, D] to its slots, attend over the cache."""
-        if self._attend_state is None:
-            raise RuntimeError("attend() outside a chunk: call begin_chunk() first")
-        index, length, key_mask = self._attend_state
-        store = self.layers[layer]
-        store.write(index, k, v)
-        keys, values = store.read(length)
-        return attention(q, keys, values, None if key_mask is None else key_mask[None, :])
+        return self._attend_stored(layer, q, lambda store, index: store.write(index, k, v))
 
     def attend_fields(self, layer: int, q: torch.Tensor, k_fields, v_fields) -> torch.Tensor:
         """`attend` with K and V already quantized in this cache's format (the wire fields of the sequence-parallel
         exchange, `parallel.ulysses.quantize_kv`): stored as they are, so the cache holds the same bytes as a
         single process quantizing the original values."""
+        return self._attend_stored(layer, q, lambda store, index: store.write_fields(index, k_fields, v_fields))
+
+    def _attend_stored(self, layer: int, q: torch.Tensor, store_chunk: Callable) -> torch.Tensor:
+        """`store_chunk(storage, index)` puts the pending chunk's K/V in its slots; then q attends over the cache."""
         if self._attend_state is None:
-            raise RuntimeError("attend_fields() outside a chunk: call begin_chunk() first")
+            raise RuntimeError("attend() outside a chunk: call begin_chunk() first")
         index, length, key_mask = self._attend_state
         store = self.layers[layer]
-        store.write_fields(index, k_fields, v_fields)
+        store_chunk(store, index)
         keys, values = store.read(length)
         return attention(q, keys, values, None if key_mask is None else key_mask[None, :])
 
