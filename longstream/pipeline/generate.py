@@ -182,11 +182,10 @@ def load_models(req: GenerateRequest, preset: Preset, device: torch.device) -> M
 
 
 def generate_video(req: GenerateRequest) -> Path:
-    shipped = req.preset == "embedded" and not req.checkpoint
-    req = with_embedded_weights(req)
+    given, req = req, with_embedded_weights(req)
     preset = get_preset(req.preset)
     shots = _shots(req)
-    if shipped:
+    if req is not given:  # the shipped model
         _warn_outside_world(shots)
     height = preset.height if req.height is None else req.height
     width = preset.width if req.width is None else req.width
