@@ -45,6 +45,28 @@ def test_world_videos_are_deterministic_crops():
     assert not torch.equal(a, world_videos(1, 6, 0, 3, 5, 128, crop=32))
 
 
+def test_object_weight_weighs_the_object_pixels_of_the_reconstruction_error():
+    """vae_loss with object_weight equals a float64 weighted mean computed by hand from the rendered object."""
+    from longstream.train.vae_objective import decode_unclamped, object_mask, vae_loss
+
+    vae = build_vae("test-wan2.1", seed=4)
+    video = world_videos(3, 0, 0, 2, 5, 64)
+    mask = object_mask(video)
+    key = (video[:, 0] * 1e4 + video[:, 1] * 1e2 + video[:, 2]).flatten(2)  # one number per rendered colour
+    majority = key.mode(dim=2).values[..., None]  # frames hold two colours: background (most pixels) and object
+    assert torch.equal(mask.flatten(3)[:, 0], key != majority)
+    assert 0.01 < mask.float().mean() < 0.2
+    with torch.no_grad():
+        z = vae.encode(video).latent_dist
+        kl = 0.5 * (z.mean.pow(2) + z.var - 1.0 - z.logvar).mean()
+        e = (decode_unclamped(vae, z.mean) - video).double()
+        w = 1.0 + 9.0 * mask.double().expand_as(e)
+        expected = ((e.abs() + e * e) * w).sum() / w.sum() + 1e-3 * kl.double()
+        plain = (e.abs() + e * e).mean() + 1e-3 * kl.double()
+        assert float(vae_loss(vae, video, kl_weight=1e-3, object_weight=9.0)) == pytest.approx(float(expected), rel=1e-5)
+        assert float(vae_loss(vae, video, kl_weight=1e-3)) == pytest.approx(float(plain), rel=1e-5)
+
+
 def test_vae_objective_learns_and_its_checkpoint_is_a_vae_file(tmp_path):
     trainer = make_trainer(vae_config(tmp_path))
     assert isinstance(trainer, VAETrainer)
@@ -136,7 +158,7 @@ def test_eval_scores_the_world_perfectly_and_states_chance(tmp_path):
     world = result["rows"]["world"]
     assert world["colour"] == world["shape"] == world["motion"] == world["switch"] == world["object_found"] == 100.0
     assert result["chance"]["colour"] == pytest.approx(100 / 7, abs=0.1)
-    assert set(result["rows"]["bf16"]) == set(world)
+    assert set(result["rows"]["bf16"]) == set(result["rows"]["vae"]) == set(world)
     assert "chance" in format_table(result)
     json.dumps(result)
 
@@ -165,3 +187,44 @@ def test_decoder_fine_tune_keeps_the_encoder_and_statistics(tmp_path):
 def test_trainable_patterns_must_match(tmp_path):
     with pytest.raises(LongstreamError, match="match no parameter"):
         make_trainer(vae_config(tmp_path, trainable=["nothing.*"]))
+
+
+def test_encoded_world_batches_equal_whole_clip_encodes(tmp_path):
+    """`videos: world`: one process encodes whole clips; a latent range is encoded from its window alone."""
+    from longstream.train.video_source import encode_frames, world_batch
+    from longstream.vae.encode import encode_whole
+
+    g = torch.Generator().manual_seed(2)
+    save_vae(build_vae("tiny", seed=7), tmp_path / "vae.safetensors",
+             latents_mean=(0.1 * torch.randn(16, generator=g)).tolist(),
+             latents_std=(0.5 + torch.rand(16, generator=g)).tolist())
+    videos, prompts = world_batch(1, 3, 0, [0, 1], 4, 64)
+    assert videos.shape == (2, 3, 13, 64, 64) and all(parse_prompt(p) for p in prompts)
+    vae = load_vae(tmp_path / "vae.safetensors")
+    whole = encode_whole(vae, videos, normalized=True)
+    head, head_frames = encode_frames(vae, videos, 0, 2)
+    tail, tail_frames = encode_frames(vae, videos, 2, 4)
+    assert (head_frames, tail_frames) == (5, 13)
+    scale = whole.abs().max()
+    assert (head - whole[:, :, :2]).abs().max() <= 1e-5 * scale and (tail - whole[:, :, 2:]).abs().max() <= 1e-5 * scale
+
+    trainer = make_trainer(TrainConfig(objective="teacher_forcing", videos="world", vae=str(tmp_path / "vae.safetensors"),
+                                       output=str(tmp_path / "run"), preset="tiny", steps=2, batch_size=2,
+                                       clip_frames=4, chunk_frames=2, save_every=2, device="cpu", seed=1))
+    latents, text = trainer._encoded_batch(3, 0)
+    assert torch.equal(latents, encode_frames(trainer.vae, world_batch(1, 3, 0, [0, 1], 4, 128)[0], 0, 4)[0])
+    assert text.shape[0] == 2
+    losses = trainer.run(progress=False)
+    assert len(losses) == 2 and all(0 < x < 10 for x in losses)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(videos="mp4", vae="v.safetensors"), "videos must be one of world"),
+    (dict(videos="world"), "with a vae file and no data"),
+    (dict(videos="world", vae="v.safetensors", data="d"), "with a vae file and no data"),
+    (dict(videos="world", vae="v.safetensors", objective="vae"), "videos is for flow_matching or teacher_forcing"),
+])
+def test_video_config_errors(tmp_path, kw, message):
+    base = dict(objective="teacher_forcing", output=str(tmp_path / "run"), preset="tiny")
+    with pytest.raises(LongstreamError, match=message):
+        TrainConfig(**dict(base, **kw))

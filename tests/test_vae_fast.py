@@ -31,7 +31,7 @@ def test_accelerated_decode_equals_plain_decode():
     assert torch.allclose(streamed, out, atol=1e-5)
 
 
-def test_onednn_conv_is_used_for_inference_only(monkeypatch):
+def test_onednn_conv_serves_inference_and_training_on_float32_cpu(monkeypatch):
     calls = []
     real = torch.ops.aten.mkldnn_convolution
     monkeypatch.setattr(torch.ops.aten, "mkldnn_convolution", lambda *a: calls.append(1) or real(*a))
@@ -40,22 +40,29 @@ def test_onednn_conv_is_used_for_inference_only(monkeypatch):
     x = torch.randn(1, 4, 3, 5, 5)
     with torch.no_grad():
         conv(x)
-    assert calls == [1]
-    conv(x).sum().backward()  # autograd: the original path
-    assert calls == [1]
+    conv(x).sum().backward()
+    assert calls == [1, 1]
+    conv.double()(x.double())  # float64: the original path
+    assert calls == [1, 1]
 
 
 def test_accelerated_layers_keep_gradients():
-    """Training goes through the original autograd paths: gradients equal the plain layers'."""
+    """Gradients through the fast conv and norm equal those of diffusers' layers, for weights and inputs."""
     torch.manual_seed(1)
-    plain = WanCausalConv3d(4, 6, 3, padding=1)
-    fast = WanCausalConv3d(4, 6, 3, padding=1)
+    plain = torch.nn.Sequential(WanCausalConv3d(4, 6, 3, padding=1), WanRMS_norm(6, images=False))
+    fast = torch.nn.Sequential(WanCausalConv3d(4, 6, 3, padding=1), WanRMS_norm(6, images=False))
     fast.load_state_dict(plain.state_dict())
-    fast.__class__ = FastCausalConv3d
-    x = torch.randn(1, 4, 3, 5, 5)
+    fast[0].__class__, fast[1].__class__ = FastCausalConv3d, FastRMSNorm
+    with torch.no_grad():
+        for m in (plain, fast):
+            m[1].gamma.copy_(torch.randn(6, 1, 1, 1, generator=torch.Generator().manual_seed(2)) + 1)
+    x = torch.randn(2, 4, 3, 5, 5, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
     plain(x).square().sum().backward()
-    fast(x).square().sum().backward()
-    assert torch.allclose(plain.weight.grad, fast.weight.grad, rtol=1e-5, atol=1e-6)
+    fast(x2).square().sum().backward()
+    for a, b in zip(plain.parameters(), fast.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_vae_file_round_trip_with_statistics(tmp_path):

@@ -11,7 +11,9 @@ back by `world.measure_frames` (object colour, shape and motion from pixels alon
 - stability: share of frames where an object is found, and flicker, the mean absolute change between
   consecutive frames (pixel values in [-1, 1]; the rendered world's own flicker is printed beside it).
 
-The row `world` scores rendered ground-truth clips of the same prompts: the ceiling of the measurement.
+The row `world` scores rendered ground-truth clips of the same prompts: the ceiling of the measurement; the row
+`vae` scores the same clips after a round trip through the model's VAE (encode, then streaming decode): the
+ceiling of any generator that decodes through that VAE.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -31,6 +34,7 @@ from ..pipeline.generate import GenerateRequest, load_models, with_embedded_weig
 from ..pipeline.stream import ShotPlan, StreamingGenerator
 from ..train.world import COLOURS, MOTIONS, SHAPES, Scene, changed_scene, measure_frames, random_scene, render_clip
 from ..vae import StreamingDecoder
+from ..vae.encode import encode_whole
 
 # name -> (linear mode, KV-cache storage)
 MODES = {"bf16": ("bf16", "dense"), "fp8": ("fp8", "dense"), "nvfp4": ("nvfp4", "dense"),
@@ -134,13 +138,17 @@ def evaluate(evals: EvalSet, modes: list[str], *, preset_name: str = "embedded",
     latent_hw = preset.latent_size()
     dev = resolve_device(device)
     chunk_video = stream.chunk_frames * preset.vae.temporal
-    rows = {"world": _world_row(evals, preset.height, shot_chunks * chunk_video, chunk_video, seed)}
+    frames = shot_chunks * chunk_video
+    rows = {"world": _rendered_row(evals, preset.height, frames, chunk_video, seed, lambda video: video)}
     bar = tqdm(total=len(modes) * (len(evals.singles) + len(evals.switches)), unit="video", disable=not progress)
     for mode in modes:
         linear, kv = MODES[mode]
         req = with_embedded_weights(GenerateRequest(output="", preset=preset_name, prompts=["eval"],
                                                     checkpoint=checkpoint, steps=steps, linear=linear, kv_cache=kv))
         models = load_models(req, preset, dev)
+        if "vae" not in rows:
+            rows["vae"] = _rendered_row(evals, preset.height, frames, chunk_video, seed,
+                                        lambda video: _round_trip(models.vae, video))
         scorer = Scorer()
         for i, scene in enumerate(evals.singles):
             video, _ = _video(models, stream, latent_hw, kv, [(scene, shot_chunks)], seed + i)
@@ -158,13 +166,24 @@ def evaluate(evals: EvalSet, modes: list[str], *, preset_name: str = "embedded",
     return {"rows": rows, "chance": chance(evals), "settings": settings}
 
 
-def _world_row(evals: EvalSet, size: int, frames: int, chunk_video: int, seed: int) -> dict[str, float]:
+def _round_trip(vae, video: torch.Tensor) -> torch.Tensor:
+    """[3, F, H, W] frames encoded by `vae` and decoded back by the streaming decoder (F = 1 + 4k)."""
+    param = next(vae.parameters())
+    with torch.no_grad():
+        z = encode_whole(vae, video[None].to(param.device, param.dtype), normalized=True)
+        return StreamingDecoder(vae, normalized=True, frames_per_call=4).decode(z)[0].float().cpu()
+
+
+def _rendered_row(evals: EvalSet, size: int, frames: int, chunk_video: int, seed: int,
+                  transform: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+    """Scores of the rendered clips of the set after `transform` (identity: the world row). Clips get one
+    extra frame so their length is 1 + 4k, the VAE's; it is dropped again before scoring."""
     scorer = Scorer()
     for i, scene in enumerate(evals.singles):
-        scorer.single(render_clip([scene], [frames], size, seed + i)[0], scene)
+        scorer.single(transform(render_clip([scene], [frames + 1], size, seed + i)[0])[:, :frames], scene)
     for i, (a, b) in enumerate(evals.switches):
-        video, _ = render_clip([a, b], [frames, frames], size, seed + i)
-        scorer.switch(video[:, frames + chunk_video :], a, b)
+        video = transform(render_clip([a, b], [frames, frames + 1], size, seed + i)[0])
+        scorer.switch(video[:, frames + chunk_video : 2 * frames], a, b)
     return scorer.row()
 
 

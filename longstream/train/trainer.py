@@ -40,8 +40,9 @@ from ..model.transformer import CausalWanTransformer
 from ..parallel import ParallelContext
 from ..text.encoders import HashTextEncoder
 from .data import LatentClipDataset
-from .distributed import ParallelTraining, check_layout, launched_world_size, write_transformer
+from .distributed import PARALLEL_OBJECTIVES, ParallelTraining, check_layout, launched_world_size, write_transformer
 from .objectives import flow_matching_loss, teacher_forcing_loss
+from .video_source import SOURCES, encode_frames, world_batch
 
 OBJECTIVES = ("flow_matching", "teacher_forcing", "dmd", "vae")
 
@@ -80,6 +81,8 @@ def run_weights(path: str | Path, names: tuple[str, ...] = ("ema.safetensors", "
 class TrainConfig:
     objective: str
     data: str | None = None  # latent dataset folder (not used by `vae`, which renders the procedural world)
+    videos: str | None = None  # instead of data: "world" clips encoded during the step by `vae` (video_source.py)
+    vae: str | None = None  # with videos: the VAE file (with its latent statistics) that encodes them
     output: str = ""
     preset: str = "tiny"
     init: str | None = None  # weights to start from (a file, or a run folder: see run_weights)
@@ -101,6 +104,7 @@ class TrainConfig:
     ema: float = 0.0  # decay; 0 turns EMA off
     gemm: str = "bf16"
     kl_weight: float = 1e-6  # vae: weight of the KL term (clip_frames counts video frames, 1 + 4k)
+    object_weight: float = 0.0  # vae: extra loss weight of the object's pixels (see vae_objective.vae_loss)
     crop: int = 0  # vae: train on random crop x crop windows of the rendered frames (0: whole frames)
     max_seconds: float = 0.0  # stop (with a checkpoint) after this much training time; 0: no limit
     save_every: int = 500
@@ -114,6 +118,7 @@ class TrainConfig:
                            ("save_every", int), ("log_every", int), ("seed", int), ("warmup_steps", int),
                            ("lr", (int, float)), ("weight_decay", (int, float)), ("shift", (int, float)),
                            ("ema", (int, float)), ("kl_weight", (int, float)), ("max_seconds", (int, float)),
+                           ("object_weight", (int, float)),
                            ("max_grad_norm", (int, float)),
                            ("crop", int), ("sp", int)):
             value = getattr(self, name)
@@ -125,8 +130,13 @@ class TrainConfig:
             raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if not self.output:
             raise ConfigError("output (the run's folder) is required")
-        if self.objective != "vae" and not self.data:
-            raise ConfigError(f"objective {self.objective} needs data (a latent dataset folder)")
+        if self.videos is not None:
+            if self.videos not in SOURCES:
+                raise ConfigError(f"videos must be one of {', '.join(SOURCES)}, got {self.videos!r}")
+            if self.objective not in PARALLEL_OBJECTIVES or self.data or not self.vae:
+                raise ConfigError("videos is for flow_matching or teacher_forcing, with a vae file and no data")
+        elif self.objective != "vae" and not self.data:
+            raise ConfigError(f"objective {self.objective} needs data (a latent dataset folder) or videos")
         if self.objective == "vae" and (self.clip_frames - 1) % 4:
             raise ConfigError(f"objective vae trains on 1 + 4k video frames: clip_frames {self.clip_frames} is not")
         for name in ("steps", "batch_size", "grad_accum", "clip_frames", "save_every", "log_every", "sp"):
@@ -160,7 +170,7 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
         base = path.parent
-        for key in ("data", "output", "init", "teacher"):  # relative paths are relative to the config file
+        for key in ("data", "output", "init", "teacher", "vae"):  # relative paths are relative to the config file
             if isinstance(data.get(key), str) and not os.path.isabs(data[key]):
                 data[key] = os.path.normpath(base / data[key])
         try:
@@ -193,6 +203,8 @@ class Trainer:
         self.device = self.ctx.device
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights, TF32 tensor-core matmuls
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True  # fixed batch shapes: pick the fastest conv algorithms once
         self.parallel = (ParallelTraining(self.ctx, config.objective, self.chunk_frames, config.shift)
                          if world > 1 else None)
         self.is_main = self.parallel is None or self.parallel.is_main
@@ -218,6 +230,18 @@ class Trainer:
         self.step = 0
 
     def _build_data(self) -> LatentClipDataset | None:
+        if self.cfg.videos:
+            from ..vae.checkpoints import load_vae
+            from ..vae.fast import accelerate
+
+            self.vae = accelerate(load_vae(self.cfg.vae, device=self.device)).eval().requires_grad_(False)
+            model = self.preset.transformer
+            if self.vae.config.z_dim != model.in_channels or self.preset.height != self.preset.width:
+                raise ConfigError(f"videos: world needs a square preset whose transformer takes the VAE's latents; "
+                                  f"{self.cfg.vae} has {self.vae.config.z_dim} channels, preset {self.cfg.preset} "
+                                  f"takes {model.in_channels} at {self.preset.width}x{self.preset.height}")
+            self.encoded_frames = 0  # video frames this rank's encoder ran over (see video_source.py)
+            return None
         return LatentClipDataset(self.cfg.data, clip_frames=self.cfg.clip_frames,
                                  channels=self.preset.transformer.in_channels)
 
@@ -259,6 +283,8 @@ class Trainer:
 
     def _micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The grad_accum micro-batches of `step` (batch_size examples each)."""
+        if self.cfg.videos:
+            return [self._encoded_batch(step, micro) for micro in range(self.cfg.grad_accum)]
         out = []
         for micro in range(self.cfg.grad_accum):
             idx = self.data.batch_indices(step * self.cfg.grad_accum + micro, self.cfg.batch_size, self.cfg.seed)
@@ -269,9 +295,22 @@ class Trainer:
             out.append((latents, self._text([p for _, p in items])))
         return out
 
+    def _encoded_batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """World clips of a micro-batch, encoded: all latent frames in one process, under SP only this rank's."""
+        indices = list(range(self.cfg.batch_size))
+        start, end = 0, self.cfg.clip_frames
+        if self.parallel is not None:
+            indices = self.parallel.batch_part(indices)
+            start, end = self.parallel.frame_range(self.cfg.clip_frames)
+        videos, prompts = world_batch(self.cfg.seed, step, micro, indices, self.cfg.clip_frames, self.preset.height)
+        latents, frames = encode_frames(self.vae, videos.to(self.device), start, end)
+        self.encoded_frames += frames
+        return latents, self._text(prompts)
+
     def loss(self, latents: torch.Tensor, text: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.parallel is not None:
-            return self.parallel.loss(self.model, latents, text, self.cfg.batch_size, generator)
+            return self.parallel.loss(self.model, latents, text, self.cfg.batch_size, generator,
+                                      num_frames=self.cfg.clip_frames)
         if self.cfg.objective == "flow_matching":
             return flow_matching_loss(self.model, latents, text, shift=self.cfg.shift, generator=generator)
         return teacher_forcing_loss(self.model, latents, text, chunk_frames=self.chunk_frames,
@@ -502,10 +541,13 @@ class VAETrainer(Trainer):
     def _build_model(self) -> torch.nn.Module:
         from ..vae import build_vae
         from ..vae.checkpoints import load_vae
+        from ..vae.fast import accelerate
 
         if self.cfg.init:  # e.g. fine-tune the decoder of a VAE whose latent statistics are already fitted
-            return load_vae(run_weights(self.cfg.init, ("model.safetensors",)), device=self.device).train()
-        return build_vae(self.preset.vae.kind, seed=self.cfg.seed).to(self.device).train()
+            vae = load_vae(run_weights(self.cfg.init, ("model.safetensors",)), device=self.device)
+        else:
+            vae = build_vae(self.preset.vae.kind, seed=self.cfg.seed).to(self.device)
+        return accelerate(vae).train()  # the CPU fast path (same math, autograd included); see vae/fast.py
 
     def _micro_batches(self, step: int) -> list[tuple[torch.Tensor, None]]:
         from .vae_objective import world_videos
@@ -517,7 +559,7 @@ class VAETrainer(Trainer):
     def loss(self, video: torch.Tensor, text: None, generator: torch.Generator) -> torch.Tensor:
         from .vae_objective import vae_loss
 
-        return vae_loss(self.model, video, kl_weight=self.cfg.kl_weight)
+        return vae_loss(self.model, video, kl_weight=self.cfg.kl_weight, object_weight=self.cfg.object_weight)
 
     def _save_model(self, model: torch.nn.Module, path: Path) -> None:
         from ..vae.checkpoints import save_vae

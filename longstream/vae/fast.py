@@ -6,11 +6,15 @@ Measured on 2 CPU cores (the tiny VAE decoding 128x128 video), two things took 8
   `FastRMSNorm` computes x * rsqrt(sum x^2) over channels (equal up to float rounding; eps 1e-12 as before).
 - PyTorch routes a conv3d to its slow native kernel instead of oneDNN when batch * channels * time * height is
   small (a size heuristic in ATen's `use_mkldnn`), which streaming decode always hits; `FastCausalConv3d` calls
-  the oneDNN convolution directly for float32 CPU inference (10-15x faster on these layers).
+  the oneDNN convolution directly for float32 CPU tensors (10-15x faster on these layers). It has an autograd
+  formula, so training uses it too.
+
+Training a VAE on the CPU gains too: a decoder fine-tune step (batch 4, 33 frames of 64x64) took 2.9 s
+instead of 5.1 s on 2 cores.
 
 Parameters and state dict are unchanged (the new classes subclass diffusers' ones), so `accelerate` can be
-applied to any loaded VAE. The convolution takes the original path for autograd and non-CPU tensors; the norm's
-arithmetic is used everywhere (it upcasts to float32 like diffusers' does for half precision).
+applied to any loaded VAE. The convolution takes the original path for non-CPU or non-float32 tensors; the
+norm's arithmetic is used everywhere (it upcasts to float32 like diffusers' does for half precision).
 """
 
 from __future__ import annotations
@@ -31,8 +35,7 @@ class FastRMSNorm(WanRMS_norm):
 
 class FastCausalConv3d(WanCausalConv3d):
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        onednn = (x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-                  and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+        onednn = x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
         if not onednn:
             return super()._conv_forward(x, weight, bias)
         return torch.ops.aten.mkldnn_convolution(
