@@ -24,6 +24,8 @@ from longstream.config import ConfigError
 from longstream.model.checkpoints import read_safetensors
 from longstream.parallel import ParallelContext, ParallelError
 from longstream.train.trainer import TrainConfig, Trainer
+from longstream.vae import build_vae
+from longstream.vae.checkpoints import save_vae
 from test_train import make_dataset
 
 TIMEOUT_S = 60.0
@@ -35,11 +37,14 @@ def settings(data: Path, output: Path, **kw) -> dict:
                 batch_size=4, lr=2e-3, clip_frames=4, chunk_frames=2, save_every=100, log_every=1, seed=1,
                 device="cpu")
     base.update(kw)
+    if base.get("videos"):  # world clips encoded in the step by the VAE saved beside the dataset
+        base.update(data=None, vae=str(data / "vae.safetensors"))
     return base
 
 
 # the scenarios: (world size, name) -> TrainConfig settings besides data/output (steps: how many to take)
 TEACHER = dict(steps=2)
+VIDEOS = dict(steps=2, videos="world")
 DATA_PARALLEL = dict(objective="flow_matching", steps=3, save_every=3, grad_accum=2, ema=0.9, max_grad_norm=0.05)
 SCENARIOS = {
     (2, "tf_sp2"): dict(TEACHER, sp=2),
@@ -48,6 +53,8 @@ SCENARIOS = {
     (4, "tf_dp2_sp2"): dict(TEACHER, sp=2),
     (4, "tf_sp4"): dict(TEACHER, sp=4),
     (4, "fm_dp4_resume"): dict(DATA_PARALLEL, steps=5),  # run() on a copy of fm_dp2: resumes at step 3
+    (2, "tfv_sp2"): dict(VIDEOS, sp=2),
+    (4, "tfv_dp2_sp2"): dict(VIDEOS, sp=2),
 }
 
 
@@ -86,6 +93,9 @@ def _entry(rank: int, world: int, port: int, data: str, out: str) -> None:
                     result = {"losses": trainer.run(progress=False)}
                 else:
                     result = steps_with_grads(trainer, kw["steps"])
+                encoded: list = [None] * world  # video frames each rank's VAE encoder ran over
+                dist.all_gather_object(encoded, getattr(trainer, "encoded_frames", None))
+                result["encoded"] = encoded
                 trainer.close()
             except Exception:
                 raise AssertionError(f"{name} failed on rank {rank}:\n{traceback.format_exc()}") from None
@@ -105,7 +115,12 @@ def _launch(world: int, data: Path, out: Path) -> str | None:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("data"))
+    root = make_dataset(tmp_path_factory.mktemp("data"))
+    g = torch.Generator().manual_seed(9)
+    save_vae(build_vae("tiny", seed=5), root / "vae.safetensors",
+             latents_mean=(0.1 * torch.randn(16, generator=g)).tolist(),
+             latents_std=(0.5 + torch.rand(16, generator=g)).tolist())
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +162,22 @@ def teacher_reference(data, tmp_path_factory) -> dict:
 def test_teacher_forcing_balanced_sp_equals_one_process(runs, teacher_reference, world, name):
     """Balanced SP (and FSDP2 over dp) teacher forcing: the same losses for 2 steps, the same gradients."""
     assert_same_step(result(runs, world, name), teacher_reference)
+
+
+@pytest.fixture(scope="module")
+def video_reference(data, tmp_path_factory) -> dict:
+    return steps_with_grads(single(data, tmp_path_factory.mktemp("tfv_single"), **VIDEOS), VIDEOS["steps"])
+
+
+@pytest.mark.parametrize("world,name", [(2, "tfv_sp2"), (4, "tfv_dp2_sp2")])
+def test_ranks_encode_only_their_slice_and_train_like_one_process(runs, video_reference, world, name):
+    """World clips encoded in the step: each SP rank encodes its Balanced SP slice (latents [0, 2) from video
+    frames [0, 5), latents [2, 4) from [0, 13) as the tiny VAE's halo reaches the clip start), and the step equals
+    one process encoding whole clips."""
+    got = result(runs, world, name)
+    assert_same_step(got, video_reference)
+    steps = VIDEOS["steps"]
+    assert got["encoded"] == [5 * steps, 13 * steps] * (world // 2)
 
 
 def test_flow_matching_sp_with_uneven_frames_equals_one_process(runs, data, tmp_path):

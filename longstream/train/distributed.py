@@ -9,7 +9,8 @@ SP group are consecutive. A distributed step computes what the single-process st
 - Sequence: `teacher_forcing` uses Balanced SP (`BalancedLayout`): sp rank r holds the clean and the noisy frames
   of time slice r; the model's self-attention goes through `UlyssesAttention` with the teacher-forcing mask in
   exchange order. `flow_matching` splits the frames contiguously (`even_splits`, uneven counts allowed) and
-  attends bidirectionally through Ulysses. Heads need not divide sp (Ulysses splits them unevenly).
+  attends bidirectionally through Ulysses. Heads need not divide sp (Ulysses splits them unevenly). A rank's share
+  reads only the latents of its frames (`frame_range`): with `videos:` (video_source.py) it encodes just those.
 - Loss: a rank's squared error over its loss-bearing tokens divided by the element count of its dp rank's clips.
   Summed over sp and averaged over dp this is the single-process loss, and gradients are reduced the same way:
   an all-reduce sum over the SP group, and FSDP2's reduce-scatter mean over dp.
@@ -136,57 +137,73 @@ class ParallelTraining:
         b = len(indices) // self.ctx.dp_size
         return indices[self.ctx.dp_rank * b: (self.ctx.dp_rank + 1) * b]
 
+    def frame_range(self, num_frames: int) -> tuple[int, int]:
+        """The clip frames [start, end) whose latents this rank's share of the step reads: its time slice
+        (Balanced SP) or its contiguous split (flow matching); all frames for the naive layout."""
+        r, sp = self.ctx.sp_rank, self.ctx.sp_size
+        if self.objective == "flow_matching":
+            frames = even_splits(num_frames, sp)
+            return sum(frames[:r]), sum(frames[: r + 1])
+        if self.layout != "balanced":
+            return 0, num_frames
+        width = make_layout("balanced", num_frames, self.chunk_frames, sp).slice_frames
+        return r * width, (r + 1) * width
+
     def loss(self, model: CausalWanTransformer, x0: torch.Tensor, text: torch.Tensor, batch: int,
-             generator: torch.Generator) -> torch.Tensor:
-        """This rank's loss term for its clips `x0` [b, C, F, h, w] of a global batch of `batch` clips."""
+             generator: torch.Generator, num_frames: int | None = None) -> torch.Tensor:
+        """This rank's loss term for its clips `x0` of a global batch of `batch` clips: [b, C, F, h, w], or, with
+        `num_frames` = F, only the frames `frame_range(F)` of them (e.g. a rank that encoded only its slice)."""
+        f = num_frames or x0.shape[2]
+        lo, hi = self.frame_range(f)
+        if x0.shape[2] == f:
+            x0 = x0[:, :, lo:hi]
+        elif x0.shape[2] != hi - lo:
+            raise ValueError(f"x0 holds {x0.shape[2]} frames: expected {f} or this rank's {hi - lo}")
         b = x0.shape[0]
         part = slice(self.ctx.dp_rank * b, (self.ctx.dp_rank + 1) * b)
-        if self.objective == "flow_matching":
-            s = sample_sigmas((batch,), self.shift, generator, x0.device).to(x0.dtype)[part]
-            return self._flow_matching(model, x0, text, s, self._noise(batch, x0, generator)[part].to(x0))
-        chunks = x0.shape[2] // self.chunk_frames
+        chunks = 1 if self.objective == "flow_matching" else f // self.chunk_frames
         s = sample_sigmas((batch, chunks), self.shift, generator, x0.device).to(x0.dtype)[part]
-        return self._teacher_forcing(model, x0, text, s, self._noise(batch, x0, generator)[part].to(x0))
-
-    @staticmethod
-    def _noise(batch: int, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return torch.randn((batch, *x0.shape[1:]), generator=generator, device=generator.device)
+        noise = torch.randn((batch, *x0.shape[1:2], f, *x0.shape[3:]), generator=generator,
+                            device=generator.device)[part, :, lo:hi].to(x0)
+        if self.objective == "flow_matching":
+            return self._flow_matching(model, x0, text, s[:, 0], noise, f)
+        return self._teacher_forcing(model, x0, text, s, noise, f)
 
     def _tokens_per_frame(self, model: CausalWanTransformer, x0: torch.Tensor) -> int:
         _, ph, pw = model.config.patch_size
         return (x0.shape[3] // ph) * (x0.shape[4] // pw)
 
-    def _flow_matching(self, model, x0, text, s, noise) -> torch.Tensor:
-        f, r = x0.shape[2], self.ctx.sp_rank
-        frames = even_splits(f, self.ctx.sp_size)
-        start = sum(frames[:r])
-        mine = slice(start, start + frames[r])
+    # x0 and noise below hold this rank's frames, frame_range(f), of clips of f frames
+    def _flow_matching(self, model, x0, text, s, noise, f: int) -> torch.Tensor:
+        lo, hi = self.frame_range(f)
         sb = s.view(-1, 1, 1, 1, 1)
-        x_t = ((1 - sb) * x0 + sb * noise)[:, :, mine]
+        x_t = (1 - sb) * x0 + sb * noise
         tpf = self._tokens_per_frame(model, x0)
-        attend = UlyssesAttention(self.ctx.sp_group, [n * tpf for n in frames])
-        positions = torch.arange(start, start + frames[r], device=x0.device)
+        attend = UlyssesAttention(self.ctx.sp_group, [n * tpf for n in even_splits(f, self.ctx.sp_size)])
+        positions = torch.arange(lo, hi, device=x0.device)
         pred = model(x_t, 1000.0 * s, text, causal=False, frame_positions=positions, self_attention=attend)
-        return (pred.float() - (noise - x0)[:, :, mine].float()).pow(2).sum() / x0.numel()
+        return (pred.float() - (noise - x0).float()).pow(2).sum() / (x0[:, :, :1].numel() * f)
 
-    def _teacher_forcing(self, model, x0, text, s_chunk, noise) -> torch.Tensor:
-        b, f, r = x0.shape[0], x0.shape[2], self.ctx.sp_rank
-        s = s_chunk.repeat_interleave(self.chunk_frames, dim=1)  # [b, F]
-        sb = s.view(b, 1, f, 1, 1)
+    def _teacher_forcing(self, model, x0, text, s_chunk, noise, f: int) -> torch.Tensor:
+        b, r = x0.shape[0], self.ctx.sp_rank
+        lo, hi = self.frame_range(f)
+        s = s_chunk.repeat_interleave(self.chunk_frames, dim=1)[:, lo:hi]  # [b, frames of this rank]
+        sb = s.view(b, 1, hi - lo, 1, 1)
         noisy = (1 - sb) * x0 + sb * noise
         layout = make_layout(self.layout, f, self.chunk_frames, self.ctx.sp_size)
-        seq = layout.shard(torch.cat([x0, noisy], dim=2), r, 2)
-        t = layout.shard(torch.cat([torch.zeros_like(s), 1000.0 * s], dim=1), r, 1)
-        positions = layout.shard(torch.arange(f, device=x0.device).repeat(2), r, 0)
+        frames = layout.local_frames(r).to(x0.device)  # indices into [clean 0..f, noisy f..2f)
+        seq = torch.cat([x0, noisy], dim=2).index_select(2, frames % f - lo + (frames >= f) * (hi - lo))
+        t = torch.cat([torch.zeros_like(s), 1000.0 * s], dim=1).index_select(
+            1, frames % f - lo + (frames >= f) * (hi - lo))
+        positions = frames % f
         tpf = self._tokens_per_frame(model, x0)
         if (f, tpf) not in self._masks:
             self._masks[(f, tpf)] = layout.token_mask(tpf).to(x0.device)
         attend = UlyssesAttention(self.ctx.sp_group, layout.seq_splits(tpf), mask=self._masks[(f, tpf)])
         pred = model(seq, t, text, causal=False, frame_positions=positions, self_attention=attend)
-        frames = layout.local_frames(r).to(x0.device)
         loss_frames = frames >= f
-        target = (noise - x0).index_select(2, frames[loss_frames] - f)
-        return (pred[:, :, loss_frames].float() - target.float()).pow(2).sum() / x0.numel()
+        target = (noise - x0).index_select(2, frames[loss_frames] - f - lo)
+        return (pred[:, :, loss_frames].float() - target.float()).pow(2).sum() / (x0[:, :, :1].numel() * f)
 
     # -- agreement between ranks --------------------------------------------------------------------------------
     def reduce_loss(self, loss: torch.Tensor) -> float:
