@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils import flop_counter
 
+from longstream.bench.e2e import consistent, format_table
 from longstream.bench.roofline import PEAK_TFLOPS, ceiling, chunk_cost
 from longstream.cli import main
 from longstream.config import get_preset
@@ -20,7 +21,7 @@ SETTINGS = {"device", "torch", "preset", "height", "width", "tokens_per_frame", 
             "peak_tflops", "peak_tbps", "rows"}
 ROW = {"steps", "linear", "kv_cache", "async_decode", "video_fps", "dit_fps", "chunk_s", "dit_chunk_s",
        "first_frame_s", "first_chunk_s", "peak_memory_gib", "latent_rel_error", "breakdown_ms", "roofline"}
-BREAKDOWN = {"linears", "attention", "cache_write", "vae", "other", "chunk", "kernels", "unlinked"}
+BREAKDOWN = {"linears", "attention", "cache_write", "vae", "other", "chunk", "kernels", "unlinked", "shared_ids"}
 ROOFLINE = {"flops_per_frame", "linear_flops_per_frame", "attention_flops_per_frame", "bytes_per_frame",
             "compute_bound_fps", "memory_bound_fps", "ceiling_fps", "bound", "dit_fraction"}
 
@@ -128,3 +129,15 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, capsys):
     assert main([*TINY, *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("longstream: error: ") and message in err and "\n" not in err
+
+
+def test_inconsistent_gpu_breakdowns_are_flagged():
+    """The H200 run of 2026-12-02 tied more kernel time to CPU events than all kernels took: the table says so."""
+    from pathlib import Path
+
+    result = json.loads((Path(__file__).parents[1] / "bench/results/e2e_h200_2026-12-02.json").read_text())
+    table = format_table(result)
+    assert table.count("breakdown is inconsistent") == len(result["rows"]) == 4
+    fine = dict(result["rows"][0], breakdown_ms=dict(result["rows"][0]["breakdown_ms"], unlinked=12.0))
+    assert consistent(fine["breakdown_ms"]) and not consistent(result["rows"][0]["breakdown_ms"])
+    assert "inconsistent" not in format_table(dict(result, rows=[fine]))

@@ -31,7 +31,9 @@ Per row, on a model built (and quantized, and compiled) once per linear format:
    matmul, _scaled_mm) and SDPA ops outside any label count as linears and attention. On a GPU a component's time
    is the summed duration of the kernels launched inside it, so GPU idle time lands in `other`; on a CPU it is the
    component's wall time. Two more GPU figures check the attribution: `kernels` (all kernel time of the chunk) and
-   `unlinked` (kernel time the profiler tied to no CPU event, which therefore counts in `other`). With --compile the
+   `unlinked` (kernel time the profiler tied to no CPU event, which therefore counts in `other`); a negative
+   `unlinked` means kernels were counted under several CPU events (`shared_ids`: CPU events whose id another
+   one shares), and the table then flags the row's breakdown as inconsistent. With --compile the
    Linear and attend wrappers are left off (they would run inside the compiled code): linears and attention are
    then the aten GEMM and SDPA ops that the compiled code calls, while GEMMs that inductor generates as Triton
    templates, and fused kernels, count as `other`.
@@ -67,7 +69,7 @@ JSON: the settings (device, torch, preset, height, width, tokens_per_frame, chun
 sink_frames, chunks, first_measured_chunk, text_tokens, seed, dtype, vae, compile, peak_tflops, peak_tbps) and
 `rows`, each with steps, linear, kv_cache, async_decode (null without VAE), video_fps, dit_fps, chunk_s (steady
 host time per chunk), dit_chunk_s, first_frame_s, first_chunk_s, peak_memory_gib, latent_rel_error, breakdown_ms
-{linears, attention, cache_write, vae, other, chunk, kernels, unlinked} and roofline {flops_per_frame,
+{linears, attention, cache_write, vae, other, chunk, kernels, unlinked, shared_ids} and roofline {flops_per_frame,
 linear_flops_per_frame, attention_flops_per_frame, bytes_per_frame, compute_bound_fps, memory_bound_fps,
 ceiling_fps, bound, dit_fraction}. The file is rewritten after every row, so a stopped sweep keeps its rows.
 """
@@ -82,6 +84,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -390,12 +393,21 @@ def breakdown(events: Sequence, wall_s: float, on_gpu: bool) -> dict[str, float 
         if event.cpu_parent is None:
             visit(event)
     chunk = wall_s * 1000
-    kernels = unlinked = None
+    kernels = unlinked = shared = None
     if on_gpu:
         kernels = sum(e.time_range.elapsed_us() for e in events
                       if e.device_type != DeviceType.CPU and not e.is_user_annotation) / 1000
         unlinked = kernels - sum(_own_kernel_us(e) for e in cpu) / 1000
-    return {**totals, "other": chunk - sum(totals.values()), "chunk": chunk, "kernels": kernels, "unlinked": unlinked}
+        ids = Counter(e.id for e in cpu if getattr(e, "linked_correlation_id", 0) == 0)
+        shared = sum(n for n in ids.values() if n > 1)
+    return {**totals, "other": chunk - sum(totals.values()), "chunk": chunk, "kernels": kernels, "unlinked": unlinked,
+            "shared_ids": shared}
+
+
+def consistent(parts: dict[str, float | None]) -> bool:
+    """False when the kernel time tied to CPU events exceeds all kernel time by over 1% (negative `unlinked`):
+    some kernels were then counted under several events, and the GPU breakdown cannot be trusted."""
+    return parts.get("unlinked") is None or parts["unlinked"] >= -0.01 * parts["kernels"]
 
 
 # -- one configuration --------------------------------------------------------------------------------------------
@@ -658,6 +670,12 @@ def format_table(result: dict[str, Any]) -> str:
              f"chunk {r['first_measured_chunk'] + 1})  {r['dtype']}  "
              f"{'compile ' + r['compile'] if r['compile'] else 'eager'}")
     lines = render_table(title, cells)
+    for i, row in enumerate(r["rows"], 1):
+        b = row["breakdown_ms"]
+        if not consistent(b):
+            lines.append(f"note: row {i}'s breakdown is inconsistent: kernels tied to CPU events sum to "
+                         f"{b['kernels'] - b['unlinked']:.0f} ms, all kernels to {b['kernels']:.0f} ms "
+                         f"({b.get('shared_ids')} CPU events share an id); its FPS and times do not depend on it")
     lines.append(f"roofline (DiT, per video frame; peaks {', '.join(f'{k} {v:g}' for k, v in r['peak_tflops'].items())}"
                  f" TFLOP/s, {r['peak_tbps']:g} TB/s):")
     for (steps, linear, kv), roof in seen.items():
