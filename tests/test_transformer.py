@@ -3,9 +3,12 @@
 import pytest
 import torch
 
-from longstream.model.attention import block_causal_mask, expand_frame_mask, teacher_forcing_mask
+from longstream.model.attention import (
+    FrameMaskAttention, attention, block_causal_mask, expand_frame_mask, teacher_forcing_mask,
+)
 from longstream.model.rope import rope_cos_sin
 from longstream.model.transformer import CausalWanTransformer
+from longstream.parallel import BalancedLayout
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -133,3 +136,45 @@ def test_bad_input_shapes_are_rejected():
         model(torch.randn(1, 4, 2, 5, 4), torch.zeros(1), text)
     with pytest.raises(ValueError, match="chunk_frames"):
         model(torch.randn(1, 4, 2, 4, 4), torch.zeros(1), text, causal=True)
+
+
+@pytest.mark.parametrize("mask", [
+    teacher_forcing_mask(6, 2),
+    block_causal_mask(torch.arange(5) // 2),
+    BalancedLayout(8, 2, 2).frame_mask(),  # exchange order of Balanced SP
+])
+def test_frame_mask_attention_equals_the_token_mask(mask):
+    """Grouped SDPA over the key frames of each distinct mask row equals SDPA with the expanded token mask
+    (float64, random inputs)."""
+    tpf = 3
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 3, mask.shape[0] * tpf, 8, dtype=torch.float64, generator=g) for _ in range(3))
+    want = attention(q, k, v, expand_frame_mask(mask, tpf))
+    attend = FrameMaskAttention(mask, tpf)
+    assert len(attend.groups) == len(torch.unique(mask, dim=0)) < mask.shape[0]
+    assert (attend(0, q, k, v) - want).abs().max() < 1e-12
+
+
+def test_frame_mask_attention_refuses_frames_that_see_nothing():
+    mask = teacher_forcing_mask(4, 2)
+    mask[1] = False
+    with pytest.raises(ValueError, match="sees no key frame"):
+        FrameMaskAttention(mask, 2)
+
+
+def test_causal_forward_without_token_mask_equals_the_masked_forward():
+    """The model's causal path (grouped attention) equals the same forward through a token-masked SDPA."""
+    from longstream.config import get_preset
+
+    cfg = get_preset("tiny").transformer
+    torch.manual_seed(0)
+    model = CausalWanTransformer(cfg).double().eval()
+    x = torch.randn(1, cfg.in_channels, 8, 4, 4, dtype=torch.float64)
+    t = torch.rand(1, 8, dtype=torch.float64) * 1000
+    text = torch.randn(1, 5, cfg.text_dim, dtype=torch.float64)
+    mask = teacher_forcing_mask(4, 2)
+    with torch.no_grad():
+        got = model(x, t, text, causal=True, frame_mask=mask)
+        want = model(x, t, text, causal=True, frame_mask=mask,
+                     self_attention=lambda i, q, k, v, token_mask: attention(q, k, v, token_mask))
+    assert (got - want).abs().max() < 1e-10 * want.abs().max()

@@ -56,3 +56,40 @@ def attention(
 ) -> torch.Tensor:
     """Scaled dot-product attention on [B, H, S, D] tensors; `mask` is a boolean [Sq, Sk] (True = attend)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class FrameMaskAttention:
+    """Attention under a frame-level mask without building the token mask.
+
+    Query frames whose mask rows are equal form a group; a group attends by one unmasked SDPA over the key frames
+    its row allows (gathered), so memory is that of the gathered keys, never [S, S] (a 5B teacher-forcing token
+    mask at 128 latent frames would take 47 GiB), and the fast unmasked SDPA kernels apply. Teacher forcing has
+    2 x chunks groups, block-causal attention one per chunk. Equal to `attention(q, k, v, expand_frame_mask(
+    frame_mask, tokens_per_frame))` up to float summation order. Rows with no key are refused.
+    Call: (layer, q, k, v, mask=None) with q, k, v [B, H, F * tokens_per_frame, D], like a `MaskedAttention`.
+    """
+
+    def __init__(self, frame_mask: torch.Tensor, tokens_per_frame: int) -> None:
+        if not frame_mask.any(dim=1).all():
+            raise ValueError("a query frame of the frame mask sees no key frame")
+        rows, group = torch.unique(frame_mask.cpu(), dim=0, return_inverse=True)
+        tokens = torch.arange(tokens_per_frame)
+        self.num_tokens = frame_mask.shape[1] * tokens_per_frame
+        self.groups = [(_token_index(torch.nonzero(group == g)[:, 0], tokens),
+                        _token_index(torch.nonzero(row)[:, 0], tokens)) for g, row in enumerate(rows)]
+        self._on: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is not None or k.shape[2] != self.num_tokens:
+            raise ValueError(f"FrameMaskAttention takes no token mask and {self.num_tokens} key tokens")
+        if q.device not in self._on:
+            self._on[q.device] = [(qi.to(q.device), ki.to(q.device)) for qi, ki in self.groups]
+        out = torch.empty_like(q)
+        for qi, ki in self._on[q.device]:
+            out[:, :, qi] = F.scaled_dot_product_attention(q[:, :, qi], k[:, :, ki], v[:, :, ki])
+        return out
+
+
+def _token_index(frames: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return (frames[:, None] * len(tokens) + tokens[None, :]).reshape(-1)

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import TransformerConfig
-from .attention import attention, block_causal_mask, chunk_ids, expand_frame_mask
+from .attention import FrameMaskAttention, attention, block_causal_mask, chunk_ids, expand_frame_mask
 from .kv_cache import KVCache
 from .rope import apply_rope, rope_cos_sin
 
@@ -307,12 +307,15 @@ class CausalWanTransformer(nn.Module):
                 if chunk_frames is None:
                     raise ValueError("causal=True needs chunk_frames or frame_mask")
                 frame_mask = block_causal_mask(chunk_ids(f, chunk_frames, x.device))
-            mask = expand_frame_mask(frame_mask.to(x.device), gh * gw)
+            if self_attention is None:  # grouped by mask row: no [S, S] token mask is built
+                self_attention = FrameMaskAttention(frame_mask, gh * gw)
+            else:
+                mask = expand_frame_mask(frame_mask.to(x.device), gh * gw)
         elif frame_mask is not None:
             raise ValueError("frame_mask is only used with causal=True")
         rope = self._rope(frame_positions, grid)
         if self_attention is None:
-            tokens = self._blocks(tokens, mod, rope, text, lambda i, q, k, v: attention(q, k, v, mask))
+            tokens = self._blocks(tokens, mod, rope, text, lambda i, q, k, v: attention(q, k, v))
         else:
             tokens = self._blocks(tokens, mod, rope, text, lambda i, q, k, v: self_attention(i, q, k, v, mask))
         return self._head(tokens, temb, grid)

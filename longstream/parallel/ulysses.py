@@ -362,7 +362,8 @@ class UlyssesAttention:
     sends q, k, v (k, v optionally quantized) to head shards [B, H_r, S, D] in exchange order,
     `inner(layer, q, k, v, mask)` attends, a second all-to-all returns the output to sequence shards.
 
-    `mask`: the mask for `inner`, in exchange order (e.g. `BalancedLayout.token_mask`). The model builds its mask
+    `mask`: the mask for `inner`, in exchange order (e.g. `BalancedLayout.token_mask`; the trainer passes
+    none and an `inner` that applies the frame mask by groups, `FrameMaskAttention`). The model builds its mask
     from the local shard only, so with a global mask run the model with causal=False (it then passes mask=None);
     a call that passes a mask as well is refused. Without a global mask a per-call mask goes to `inner` as is.
     `seq_splits`: the token counts of the ranks (an attribute: set it per chunk). Also usable as the `cache` of

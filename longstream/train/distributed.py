@@ -33,6 +33,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..config import ConfigError, TransformerConfig
+from ..model.attention import FrameMaskAttention
 from ..model.checkpoints import FORMAT
 from ..model.transformer import CausalWanTransformer, config_dict
 from ..parallel import BalancedLayout, ParallelContext, ParallelError, UlyssesAttention, even_splits, make_layout
@@ -97,7 +98,7 @@ class ParallelTraining:
         self.chunk_frames = chunk_frames
         self.shift = shift
         self.layout = layout
-        self._masks: dict[tuple[int, int], torch.Tensor] = {}
+        self._masks: dict[tuple[int, int], FrameMaskAttention] = {}
 
     @property
     def is_main(self) -> bool:
@@ -197,9 +198,9 @@ class ParallelTraining:
             1, frames % f - lo + (frames >= f) * (hi - lo))
         positions = frames % f
         tpf = self._tokens_per_frame(model, x0)
-        if (f, tpf) not in self._masks:
-            self._masks[(f, tpf)] = layout.token_mask(tpf).to(x0.device)
-        attend = UlyssesAttention(self.ctx.sp_group, layout.seq_splits(tpf), mask=self._masks[(f, tpf)])
+        if (f, tpf) not in self._masks:  # the mask in exchange order, by frame groups (no token mask)
+            self._masks[(f, tpf)] = FrameMaskAttention(layout.frame_mask(), tpf)
+        attend = UlyssesAttention(self.ctx.sp_group, layout.seq_splits(tpf), inner=self._masks[(f, tpf)])
         pred = model(seq, t, text, causal=False, frame_positions=positions, self_attention=attend)
         loss_frames = frames >= f
         target = (noise - x0).index_select(2, frames[loss_frames] - f - lo)
