@@ -133,7 +133,8 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval", help="score a model of the procedural world (prompt adherence, shot switches, stability)",
         description="Generate a fixed, seeded set of world prompts in each mode and read colour, shape and motion "
-        "back from the pixels (no learned metric); print a table beside chance and the rendered world.",
+        "back from the pixels (no learned metric); print a table beside chance, the rendered world and the "
+        "world through the model's VAE (the ceiling of its generator).",
     )
     modes = "bf16,fp8,nvfp4,nvfp4-kv"  # eval.world_eval.MODES (not imported here: it needs PyAV)
     p.add_argument("--modes", default=modes, help=f"comma-separated, from {modes} (default all)")

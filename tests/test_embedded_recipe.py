@@ -63,7 +63,8 @@ def test_object_weight_weighs_the_object_pixels_of_the_reconstruction_error():
         w = 1.0 + 9.0 * mask.double().expand_as(e)
         expected = ((e.abs() + e * e) * w).sum() / w.sum() + 1e-3 * kl.double()
         plain = (e.abs() + e * e).mean() + 1e-3 * kl.double()
-        assert float(vae_loss(vae, video, kl_weight=1e-3, object_weight=9.0)) == pytest.approx(float(expected), rel=1e-5)
+        weighted = vae_loss(vae, video, kl_weight=1e-3, object_weight=9.0)
+        assert float(weighted) == pytest.approx(float(expected), rel=1e-5)
         assert float(vae_loss(vae, video, kl_weight=1e-3)) == pytest.approx(float(plain), rel=1e-5)
 
 
@@ -208,9 +209,10 @@ def test_encoded_world_batches_equal_whole_clip_encodes(tmp_path):
     scale = whole.abs().max()
     assert (head - whole[:, :, :2]).abs().max() <= 1e-5 * scale and (tail - whole[:, :, 2:]).abs().max() <= 1e-5 * scale
 
-    trainer = make_trainer(TrainConfig(objective="teacher_forcing", videos="world", vae=str(tmp_path / "vae.safetensors"),
-                                       output=str(tmp_path / "run"), preset="tiny", steps=2, batch_size=2,
-                                       clip_frames=4, chunk_frames=2, save_every=2, device="cpu", seed=1))
+    trainer = make_trainer(TrainConfig(objective="teacher_forcing", videos="world",
+                                       vae=str(tmp_path / "vae.safetensors"), output=str(tmp_path / "run"),
+                                       preset="tiny", steps=2, batch_size=2, clip_frames=4, chunk_frames=2,
+                                       save_every=2, device="cpu", seed=1))
     latents, text = trainer._encoded_batch(3, 0)
     assert torch.equal(latents, encode_frames(trainer.vae, world_batch(1, 3, 0, [0, 1], 4, 128)[0], 0, 4)[0])
     assert text.shape[0] == 2
@@ -223,6 +225,7 @@ def test_encoded_world_batches_equal_whole_clip_encodes(tmp_path):
     (dict(videos="world"), "with a vae file and no data"),
     (dict(videos="world", vae="v.safetensors", data="d"), "with a vae file and no data"),
     (dict(videos="world", vae="v.safetensors", objective="vae"), "videos is for flow_matching or teacher_forcing"),
+    (dict(vae="v.safetensors", data="d"), "only used with videos; to start from weights use init"),
 ])
 def test_video_config_errors(tmp_path, kw, message):
     base = dict(objective="teacher_forcing", output=str(tmp_path / "run"), preset="tiny")

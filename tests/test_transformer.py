@@ -153,6 +153,19 @@ def test_frame_mask_attention_equals_the_token_mask(mask):
     attend = FrameMaskAttention(mask, tpf)
     assert len(attend.groups) == len(torch.unique(mask, dim=0)) < mask.shape[0]
     assert (attend(0, q, k, v) - want).abs().max() < 1e-12
+    with pytest.raises(ValueError, match="query and"):
+        attend(0, q[:, :, :-tpf], k, v)
+    assert FrameMaskAttention.for_mask(mask, tpf) is FrameMaskAttention.for_mask(mask.clone(), tpf)
+
+
+def test_frame_mask_attention_views_contiguous_key_ranges():
+    """Teacher forcing over 2 chunks: the clean chunks' keys (clean prefixes) and the first noisy chunk's (its own
+    frames) are views; the second noisy chunk's (clean chunk 0 + itself) are gathered."""
+    attend = FrameMaskAttention(teacher_forcing_mask(4, 2), 3)
+    q = torch.randn(1, 1, 24, 4)
+    attend(0, q, q, q)
+    kinds = sorted(type(ki).__name__ for _, ki in attend._on[q.device])
+    assert kinds == ["Tensor", "slice", "slice", "slice"]
 
 
 def test_frame_mask_attention_refuses_frames_that_see_nothing():

@@ -673,9 +673,10 @@ def format_table(result: dict[str, Any]) -> str:
     for i, row in enumerate(r["rows"], 1):
         b = row["breakdown_ms"]
         if not consistent(b):
+            shared = f" ({b['shared_ids']} CPU events share an id)" if b.get("shared_ids") is not None else ""
             lines.append(f"note: row {i}'s breakdown is inconsistent: kernels tied to CPU events sum to "
-                         f"{b['kernels'] - b['unlinked']:.0f} ms, all kernels to {b['kernels']:.0f} ms "
-                         f"({b.get('shared_ids')} CPU events share an id); its FPS and times do not depend on it")
+                         f"{b['kernels'] - b['unlinked']:.0f} ms, all kernels to {b['kernels']:.0f} ms{shared}; "
+                         f"its FPS and times do not depend on it")
     lines.append(f"roofline (DiT, per video frame; peaks {', '.join(f'{k} {v:g}' for k, v in r['peak_tflops'].items())}"
                  f" TFLOP/s, {r['peak_tbps']:g} TB/s):")
     for (steps, linear, kv), roof in seen.items():

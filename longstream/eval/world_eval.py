@@ -140,7 +140,8 @@ def evaluate(evals: EvalSet, modes: list[str], *, preset_name: str = "embedded",
     chunk_video = stream.chunk_frames * preset.vae.temporal
     frames = shot_chunks * chunk_video
     rows = {"world": _rendered_row(evals, preset.height, frames, chunk_video, seed, lambda video: video)}
-    bar = tqdm(total=len(modes) * (len(evals.singles) + len(evals.switches)), unit="video", disable=not progress)
+    bar = tqdm(total=(len(modes) + 1) * (len(evals.singles) + len(evals.switches)), unit="video",
+               disable=not progress)  # + 1: the vae row
     for mode in modes:
         linear, kv = MODES[mode]
         req = with_embedded_weights(GenerateRequest(output="", preset=preset_name, prompts=["eval"],
@@ -149,6 +150,7 @@ def evaluate(evals: EvalSet, modes: list[str], *, preset_name: str = "embedded",
         if "vae" not in rows:
             rows["vae"] = _rendered_row(evals, preset.height, frames, chunk_video, seed,
                                         lambda video: _round_trip(models.vae, video))
+            bar.update(len(evals.singles) + len(evals.switches))
         scorer = Scorer()
         for i, scene in enumerate(evals.singles):
             video, _ = _video(models, stream, latent_hw, kv, [(scene, shot_chunks)], seed + i)

@@ -62,34 +62,59 @@ class FrameMaskAttention:
     """Attention under a frame-level mask without building the token mask.
 
     Query frames whose mask rows are equal form a group; a group attends by one unmasked SDPA over the key frames
-    its row allows (gathered), so memory is that of the gathered keys, never [S, S] (a 5B teacher-forcing token
-    mask at 128 latent frames would take 47 GiB), and the fast unmasked SDPA kernels apply. Teacher forcing has
-    2 x chunks groups, block-causal attention one per chunk. Equal to `attention(q, k, v, expand_frame_mask(
-    frame_mask, tokens_per_frame))` up to float summation order. Rows with no key are refused.
-    Call: (layer, q, k, v, mask=None) with q, k, v [B, H, F * tokens_per_frame, D], like a `MaskedAttention`.
+    its row allows, so no [S, S] token mask exists (a 5B teacher-forcing token mask at 128 latent frames would take
+    47 GiB) and the fast unmasked SDPA kernels apply. Teacher forcing has 2 x chunks groups, block-causal attention
+    one per chunk. Contiguous frame ranges are taken as views; others (a noisy teacher-forcing chunk's keys: the
+    earlier clean frames and its own chunk) are gathered copies, which autograd keeps for the backward pass.
+    Equal to `attention(q, k, v, expand_frame_mask(frame_mask, tokens_per_frame))` up to float summation order.
+    Rows with no key are refused. `for_mask` caches instances per (mask, tokens per frame).
+    Call: (layer, q, k, v, mask=None) with q [B, H, Fq * T, D], k and v [B, H, Fk * T, D], like a `MaskedAttention`.
     """
 
     def __init__(self, frame_mask: torch.Tensor, tokens_per_frame: int) -> None:
+        frame_mask = frame_mask.cpu()
         if not frame_mask.any(dim=1).all():
             raise ValueError("a query frame of the frame mask sees no key frame")
-        rows, group = torch.unique(frame_mask.cpu(), dim=0, return_inverse=True)
-        tokens = torch.arange(tokens_per_frame)
-        self.num_tokens = frame_mask.shape[1] * tokens_per_frame
-        self.groups = [(_token_index(torch.nonzero(group == g)[:, 0], tokens),
-                        _token_index(torch.nonzero(row)[:, 0], tokens)) for g, row in enumerate(rows)]
-        self._on: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        rows, group = torch.unique(frame_mask, dim=0, return_inverse=True)
+        self.tokens_per_frame = tokens_per_frame
+        self.shape = (frame_mask.shape[0] * tokens_per_frame, frame_mask.shape[1] * tokens_per_frame)
+        self.groups = [(_token_index(torch.nonzero(group == g)[:, 0], tokens_per_frame),
+                        _token_index(torch.nonzero(row)[:, 0], tokens_per_frame)) for g, row in enumerate(rows)]
+        self._on: dict[torch.device, list[tuple[slice | torch.Tensor, slice | torch.Tensor]]] = {}
+
+    @staticmethod
+    def for_mask(frame_mask: torch.Tensor, tokens_per_frame: int) -> "FrameMaskAttention":
+        """A cached instance for a CPU mask (the model's causal forward builds one per call)."""
+        key = (tuple(frame_mask.shape), frame_mask.cpu().numpy().tobytes(), tokens_per_frame)
+        if key not in _CACHE:
+            if len(_CACHE) >= 32:
+                _CACHE.pop(next(iter(_CACHE)))
+            _CACHE[key] = FrameMaskAttention(frame_mask, tokens_per_frame)
+        return _CACHE[key]
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  mask: torch.Tensor | None = None) -> torch.Tensor:
-        if mask is not None or k.shape[2] != self.num_tokens:
-            raise ValueError(f"FrameMaskAttention takes no token mask and {self.num_tokens} key tokens")
+        if mask is not None or (q.shape[2], k.shape[2]) != self.shape:
+            raise ValueError(f"FrameMaskAttention takes no token mask, {self.shape[0]} query and {self.shape[1]} key "
+                             f"tokens; got {q.shape[2]} and {k.shape[2]}")
         if q.device not in self._on:
-            self._on[q.device] = [(qi.to(q.device), ki.to(q.device)) for qi, ki in self.groups]
+            self._on[q.device] = [(_as_slice(qi, q.device), _as_slice(ki, q.device)) for qi, ki in self.groups]
         out = torch.empty_like(q)
         for qi, ki in self._on[q.device]:
             out[:, :, qi] = F.scaled_dot_product_attention(q[:, :, qi], k[:, :, ki], v[:, :, ki])
         return out
 
 
-def _token_index(frames: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return (frames[:, None] * len(tokens) + tokens[None, :]).reshape(-1)
+_CACHE: dict[tuple, FrameMaskAttention] = {}
+
+
+def _token_index(frames: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+    return (frames[:, None] * tokens_per_frame + torch.arange(tokens_per_frame)[None, :]).reshape(-1)
+
+
+def _as_slice(index: torch.Tensor, device: torch.device) -> slice | torch.Tensor:
+    """A slice (a view when indexing) if `index` is one contiguous run, else the index on `device`."""
+    first, last = int(index[0]), int(index[-1])
+    if last - first + 1 == len(index) and torch.equal(index, torch.arange(first, last + 1)):
+        return slice(first, last + 1)
+    return index.to(device)

@@ -295,7 +295,8 @@ class CausalWanTransformer(nn.Module):
         """Whole-sequence forward. `causal=True` applies `frame_mask` [F, F] (True = may attend), by default the
         block-causal mask over chunks of `chunk_frames`. `frame_positions` [F] are RoPE time positions
         (default 0..F-1). `self_attention` replaces the self-attention call (e.g. sequence-parallel exchange,
-        quantized K/V). Returns the flow prediction with x's layout."""
+        quantized K/V; with `causal=True` it is given the [S, S] token mask, otherwise `FrameMaskAttention` applies
+        the frame mask without one). Returns the flow prediction with x's layout."""
         text = text_emb if isinstance(text_emb, TextContext) else self.prepare_text(text_emb)
         tokens, temb, mod, grid = self._embed(x, t)
         f, gh, gw = grid
@@ -306,10 +307,10 @@ class CausalWanTransformer(nn.Module):
             if frame_mask is None:
                 if chunk_frames is None:
                     raise ValueError("causal=True needs chunk_frames or frame_mask")
-                frame_mask = block_causal_mask(chunk_ids(f, chunk_frames, x.device))
+                frame_mask = block_causal_mask(chunk_ids(f, chunk_frames))
             if self_attention is None:  # grouped by mask row: no [S, S] token mask is built
-                self_attention = FrameMaskAttention(frame_mask, gh * gw)
-            else:
+                self_attention = FrameMaskAttention.for_mask(frame_mask, gh * gw)
+            else:  # a custom self-attention gets the token mask
                 mask = expand_frame_mask(frame_mask.to(x.device), gh * gw)
         elif frame_mask is not None:
             raise ValueError("frame_mask is only used with causal=True")

@@ -193,9 +193,9 @@ class ParallelTraining:
         noisy = (1 - sb) * x0 + sb * noise
         layout = make_layout(self.layout, f, self.chunk_frames, self.ctx.sp_size)
         frames = layout.local_frames(r).to(x0.device)  # indices into [clean 0..f, noisy f..2f)
-        seq = torch.cat([x0, noisy], dim=2).index_select(2, frames % f - lo + (frames >= f) * (hi - lo))
-        t = torch.cat([torch.zeros_like(s), 1000.0 * s], dim=1).index_select(
-            1, frames % f - lo + (frames >= f) * (hi - lo))
+        local = frames % f - lo + (frames >= f) * (hi - lo)  # ... into [clean lo..hi, noisy lo..hi)
+        seq = torch.cat([x0, noisy], dim=2).index_select(2, local)
+        t = torch.cat([torch.zeros_like(s), 1000.0 * s], dim=1).index_select(1, local)
         positions = frames % f
         tpf = self._tokens_per_frame(model, x0)
         if (f, tpf) not in self._masks:  # the mask in exchange order, by frame groups (no token mask)

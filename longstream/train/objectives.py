@@ -61,6 +61,6 @@ def teacher_forcing_loss(
     seq = torch.cat([x0, noisy], dim=2)
     t = torch.cat([torch.zeros_like(s), 1000.0 * s], dim=1)
     positions = torch.arange(f, device=x0.device).repeat(2)
-    mask = teacher_forcing_mask(f, chunk_frames).to(x0.device)
+    mask = teacher_forcing_mask(f, chunk_frames)  # on the CPU: the model groups its rows once per shape
     pred = model(seq, t, text_emb, causal=True, frame_positions=positions, frame_mask=mask)
     return F.mse_loss(pred[:, :, f:].float(), (noise - x0).float())

@@ -1,7 +1,10 @@
 """`longstream train CONFIG.yaml`: the training loop.
 
 - Objectives: `flow_matching` (bidirectional base model) and `teacher_forcing` (AR tune), see `objectives.py`;
-  `dmd` (few-step distillation of the `init` model against the `teacher`, optionally only a LoRA), see `dmd.py`.
+  `dmd` (few-step distillation of the `init` model against the `teacher`, optionally only a LoRA), see `dmd.py`;
+  `vae` (the world's VAE), see `vae_objective.py` (`clip_frames` counts video frames there, latent frames elsewhere).
+- Data: a latent dataset folder (`data:`, `data.py`), or `videos: world` with `vae: FILE`: clips rendered and
+  encoded during the step, each SP rank encoding only its frames (`video_source.py`).
 - GEMM modes `bf16` | `fp8` | `nvfp4` (`quant.training.convert_for_training`), gradient accumulation, EMA.
 - Determinism: step k's batch and noise depend only on (seed, k), so a resumed run continues exactly where an
   uninterrupted one would be.
@@ -42,7 +45,6 @@ from ..text.encoders import HashTextEncoder
 from .data import LatentClipDataset
 from .distributed import PARALLEL_OBJECTIVES, ParallelTraining, check_layout, launched_world_size, write_transformer
 from .objectives import flow_matching_loss, teacher_forcing_loss
-from .video_source import SOURCES, encode_frames, world_batch
 
 OBJECTIVES = ("flow_matching", "teacher_forcing", "dmd", "vae")
 
@@ -131,12 +133,17 @@ class TrainConfig:
         if not self.output:
             raise ConfigError("output (the run's folder) is required")
         if self.videos is not None:
+            from .video_source import SOURCES
+
             if self.videos not in SOURCES:
                 raise ConfigError(f"videos must be one of {', '.join(SOURCES)}, got {self.videos!r}")
             if self.objective not in PARALLEL_OBJECTIVES or self.data or not self.vae:
                 raise ConfigError("videos is for flow_matching or teacher_forcing, with a vae file and no data")
         elif self.objective != "vae" and not self.data:
             raise ConfigError(f"objective {self.objective} needs data (a latent dataset folder) or videos")
+        elif self.vae:
+            raise ConfigError("vae (the VAE that encodes videos) is only used with videos; to start from weights "
+                              "use init")
         if self.objective == "vae" and (self.clip_frames - 1) % 4:
             raise ConfigError(f"objective vae trains on 1 + 4k video frames: clip_frames {self.clip_frames} is not")
         for name in ("steps", "batch_size", "grad_accum", "clip_frames", "save_every", "log_every", "sp"):
@@ -235,11 +242,13 @@ class Trainer:
             from ..vae.fast import accelerate
 
             self.vae = accelerate(load_vae(self.cfg.vae, device=self.device)).eval().requires_grad_(False)
-            model = self.preset.transformer
-            if self.vae.config.z_dim != model.in_channels or self.preset.height != self.preset.width:
-                raise ConfigError(f"videos: world needs a square preset whose transformer takes the VAE's latents; "
-                                  f"{self.cfg.vae} has {self.vae.config.z_dim} channels, preset {self.cfg.preset} "
-                                  f"takes {model.in_channels} at {self.preset.width}x{self.preset.height}")
+            vae, want, model = self.vae.config, self.preset.vae, self.preset.transformer
+            got = (vae.z_dim, vae.scale_factor_spatial, vae.scale_factor_temporal)
+            if got != (want.z_dim, want.spatial, want.temporal) or self.preset.height != self.preset.width:
+                raise ConfigError(f"videos: world needs a square preset whose VAE the file matches: {self.cfg.vae} "
+                                  f"has (channels, spatial, temporal) {got}, preset {self.cfg.preset} "
+                                  f"{(want.z_dim, want.spatial, want.temporal)} at {self.preset.width}x"
+                                  f"{self.preset.height}")
             self.encoded_frames = 0  # video frames this rank's encoder ran over (see video_source.py)
             return None
         return LatentClipDataset(self.cfg.data, clip_frames=self.cfg.clip_frames,
@@ -297,13 +306,15 @@ class Trainer:
 
     def _encoded_batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         """World clips of a micro-batch, encoded: all latent frames in one process, under SP only this rank's."""
+        from .video_source import encode_frames, world_batch
+
         indices = list(range(self.cfg.batch_size))
         start, end = 0, self.cfg.clip_frames
         if self.parallel is not None:
             indices = self.parallel.batch_part(indices)
             start, end = self.parallel.frame_range(self.cfg.clip_frames)
         videos, prompts = world_batch(self.cfg.seed, step, micro, indices, self.cfg.clip_frames, self.preset.height)
-        latents, frames = encode_frames(self.vae, videos.to(self.device), start, end)
+        latents, frames = encode_frames(self.vae, videos, start, end)
         self.encoded_frames += frames
         return latents, self._text(prompts)
 

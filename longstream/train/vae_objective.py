@@ -4,12 +4,13 @@ Batches are rendered on the fly: example i of step k is `world.sample_clip` with
 (seed, k, i), with one or two shots, so a resumed run sees the data an uninterrupted one would. The loss is the
 L1 + MSE reconstruction of the video (frames in [-1, 1]) decoded from the posterior MEAN, plus `kl_weight` times
 the KL divergence of the diagonal Gaussian posterior from N(0, I), averaged per element: a deterministic
-autoencoder whose latent scale the KL term keeps bounded. The object covers ~4% of a frame, so a plain mean lets
-the background dominate and the object decodes as a grey blob: `object_weight` w weighs each pixel of the
-object (further than `OBJECT_THRESHOLD` from its frame's median colour, summed over RGB) 1 + w times, and the
-reconstruction term becomes the weighted mean sum(weight * error) / sum(weight). (Decoding posterior samples, whose std starts at 1,
+autoencoder whose latent scale the KL term keeps bounded. (Decoding posterior samples, whose std starts at 1,
 trained unstably at small scale; generation only ever decodes the mean's model-space image.) Frames may be
 random crops of the rendered ones: the VAE is convolutional, and crops keep the object scale at a lower cost.
+
+The object covers ~4% of a frame, so a plain mean lets the background dominate and the object decodes as a grey
+blob: `object_weight` w weighs each pixel of the object (further than `OBJECT_THRESHOLD` from its frame's median
+colour, summed over RGB) 1 + w times, and the reconstruction term becomes sum(weight * error) / sum(weight).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
+from .video_source import clip_seed
 from .world import sample_clip
 
 OBJECT_THRESHOLD = 0.1  # |pixel - frame median| summed over RGB, in [-1, 1] units
@@ -31,10 +33,10 @@ def world_videos(seed: int, step: int, micro: int, batch: int, frames: int, size
     then (with `crop` > 0) cut to a `crop` x `crop` window at a position drawn from the clip's seed (S = crop)."""
     clips = []
     for i in range(batch):
-        clip_seed = ((seed * 1_000_003 + step) * 97 + micro) * 1_009 + i
-        video = sample_clip(clip_seed, frames, size, shots=1 + clip_seed % 2)[0]
+        seed_i = clip_seed(seed, step, micro, i)
+        video = sample_clip(seed_i, frames, size, shots=1 + seed_i % 2)[0]
         if crop:
-            rng = random.Random(clip_seed)
+            rng = random.Random(seed_i)
             y, x = rng.randrange(size - crop + 1), rng.randrange(size - crop + 1)
             video = video[:, :, y : y + crop, x : x + crop]
         clips.append(video)

@@ -40,10 +40,11 @@ def world_batch(seed: int, step: int, micro: int, indices: list[int], latent_fra
 
 
 def encode_frames(vae: AutoencoderKLWan, videos: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, int]:
-    """Model-space latents [start, end) of `videos` from only the frames they and the halo need, and how many
-    video frames the encoder ran over."""
-    window = frame_window(start, end, encoder_halo_latents(vae))
+    """Model-space latents [start, end) of `videos` (on any device) from only the frames they and the halo need,
+    moved to the VAE's device; and how many video frames the encoder ran over."""
+    halo = encoder_halo_latents(vae)
+    window = frame_window(start, end, halo)
+    frames = videos[:, :, window.start : window.stop].to(next(vae.parameters()).device)
     with torch.no_grad():
-        z = encode_range(vae, videos[:, :, window.start : window.stop], start, end, frame_offset=window.start,
-                         normalized=True)
+        z = encode_range(vae, frames, start, end, halo, frame_offset=window.start, normalized=True)
     return z, window.stop - window.start
