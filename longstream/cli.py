@@ -136,7 +136,7 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
         "back from the pixels (no learned metric); print a table beside chance, the rendered world and the "
         "world through the model's VAE (the ceiling of its generator).",
     )
-    modes = "bf16,fp8,nvfp4,nvfp4-kv"  # eval.world_eval.MODES (not imported here: it needs PyAV)
+    modes = "bf16,fp8,nvfp4,nvfp4-kv"  # eval.world_eval.MODES (not imported at parse time)
     p.add_argument("--modes", default=modes, help=f"comma-separated, from {modes} (default all)")
     p.add_argument("--prompts", type=_positive_int, default=24, help="single-shot prompts (default 24)")
     p.add_argument("--switches", type=_positive_int, default=12, help="two-shot videos (default 12)")

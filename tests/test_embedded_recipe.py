@@ -231,3 +231,13 @@ def test_video_config_errors(tmp_path, kw, message):
     base = dict(objective="teacher_forcing", output=str(tmp_path / "run"), preset="tiny")
     with pytest.raises(LongstreamError, match=message):
         TrainConfig(**dict(base, **kw))
+
+
+def test_eval_and_model_loading_need_no_pyav():
+    """The GPU machine has no PyAV: eval and model loading import without it (only writing an MP4 needs it)."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['av'] = None; import longstream.eval.world_eval, longstream.pipeline.generate"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -25,7 +25,6 @@ from ..vae.checkpoints import load_vae
 from ..vae.fast import accelerate
 from .shots import ChunkPlan, Shot, load_shots, plan_chunks, shots_from_prompts
 from .stream import ShotPlan, StreamingGenerator
-from .video_io import StreamingMP4Writer
 
 
 @dataclass
@@ -221,6 +220,8 @@ def generate_video(req: GenerateRequest) -> Path:
         return out
 
     from tqdm import tqdm
+
+    from .video_io import StreamingMP4Writer  # here: PyAV is needed to write, not to load models (eval, bench)
 
     with StreamingMP4Writer(out, preset.fps) as writer, tqdm(
         total=plan.video_frames, unit="frame", disable=not req.progress, desc=out.name
