@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from longstream.config import ConfigError
 from longstream.train.data import DataError, LatentClipDataset, write_clip
 from longstream.train.trainer import TrainConfig, Trainer, TrainingError
 
@@ -166,3 +167,28 @@ def test_cuda_bf16_training_runs_matmuls_in_bf16(tmp_path):
     losses = trainer.run(progress=False)
     assert all(map(math.isfinite, losses)) and seen and set(seen) == {torch.bfloat16}
     assert next(trainer.model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("objective", ["teacher_forcing", "flow_matching"])
+def test_activation_checkpointing_gives_the_same_step(tmp_path, objective):
+    """Recomputing the blocks in the backward pass changes memory, not the loss or the gradients."""
+    steps = {}
+    for recompute in (False, True):
+        trainer = Trainer(config(tmp_path / str(recompute), objective=objective, steps=1,
+                                 activation_checkpointing=recompute))
+        saved = []
+        hook = lambda *_: saved.append(1)  # noqa: E731  counts tensors autograd keeps for the backward pass
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: hook() or t, lambda t: t):
+            loss = trainer.train_step()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        steps[recompute] = (loss, grads, len(saved))
+    (loss_a, grads_a, kept_a), (loss_b, grads_b, kept_b) = steps[False], steps[True]
+    assert loss_a == pytest.approx(loss_b, rel=1e-6) and grads_a.keys() == grads_b.keys()
+    for name, grad in grads_a.items():
+        assert torch.allclose(grads_b[name], grad, rtol=1e-5, atol=1e-7), name
+    assert kept_b < kept_a / 2  # the blocks' activations are not kept
+
+
+def test_activation_checkpointing_must_be_a_boolean(tmp_path):
+    with pytest.raises(ConfigError, match="activation_checkpointing must be true or false"):
+        config(tmp_path, activation_checkpointing="yes")

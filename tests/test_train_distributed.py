@@ -54,6 +54,7 @@ SCENARIOS = {
     (4, "tf_sp4"): dict(TEACHER, sp=4),
     (4, "fm_dp4_resume"): dict(DATA_PARALLEL, steps=5),  # run() on a copy of fm_dp2: resumes at step 3
     (2, "tfv_sp2"): dict(VIDEOS, sp=2),
+    (2, "tf_sp2_recompute"): dict(TEACHER, sp=2, activation_checkpointing=True),
     (4, "tfv_dp2_sp2"): dict(VIDEOS, sp=2),
 }
 
@@ -158,9 +159,10 @@ def teacher_reference(data, tmp_path_factory) -> dict:
     return steps_with_grads(single(data, tmp_path_factory.mktemp("tf_single")), TEACHER["steps"])
 
 
-@pytest.mark.parametrize("world,name", [(2, "tf_sp2"), (4, "tf_dp2_sp2"), (4, "tf_sp4")])
+@pytest.mark.parametrize("world,name", [(2, "tf_sp2"), (4, "tf_dp2_sp2"), (4, "tf_sp4"), (2, "tf_sp2_recompute")])
 def test_teacher_forcing_balanced_sp_equals_one_process(runs, teacher_reference, world, name):
-    """Balanced SP (and FSDP2 over dp) teacher forcing: the same losses for 2 steps, the same gradients."""
+    """Balanced SP (and FSDP2 over dp; and with the blocks recomputed in the backward pass, all-to-alls
+    included) teacher forcing: the same losses for 2 steps, the same gradients."""
     assert_same_step(result(runs, world, name), teacher_reference)
 
 

@@ -21,6 +21,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..config import TransformerConfig
 from .attention import FrameMaskAttention, attention, block_causal_mask, chunk_ids, expand_frame_mask
@@ -180,6 +181,8 @@ class CausalWanTransformer(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.config = config
+        # training: recompute each block's activations in the backward pass instead of keeping them
+        self.checkpoint_blocks = False
         dim = config.dim
         self.patch_embedding = nn.Conv3d(
             config.in_channels, dim, kernel_size=config.patch_size, stride=config.patch_size
@@ -265,8 +268,13 @@ class CausalWanTransformer(nn.Module):
         text: TextContext,
         self_attn: SelfAttention,
     ) -> torch.Tensor:
+        recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, mod, rope, text.layers[i], lambda q, k, v, i=i: self_attn(i, q, k, v))
+            attend = lambda q, k, v, i=i: self_attn(i, q, k, v)  # noqa: E731
+            if recompute:  # collectives inside (Ulysses) run again in the same order on every rank
+                tokens = checkpoint(block, tokens, mod, rope, text.layers[i], attend, use_reentrant=False)
+            else:
+                tokens = block(tokens, mod, rope, text.layers[i], attend)
         return tokens
 
     def _head(self, tokens: torch.Tensor, temb: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:

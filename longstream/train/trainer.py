@@ -99,6 +99,7 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     max_grad_norm: float = 0.0  # clip the gradient norm to this (0: no clipping; dmd clips in its own settings)
+    activation_checkpointing: bool = False  # recompute each block in the backward pass (less memory, ~1/3 more work)
     warmup_steps: int = 0
     clip_frames: int = 8
     chunk_frames: int | None = None  # teacher forcing; default: the preset's chunk
@@ -128,6 +129,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a number, got {value!r}")
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name} must be finite and >= 0, got {value!r}")
+        if not isinstance(self.activation_checkpointing, bool):
+            raise ConfigError(f"activation_checkpointing must be true or false, got {self.activation_checkpointing!r}")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if not self.output:
@@ -261,6 +264,7 @@ class Trainer:
         else:
             model = CausalWanTransformer(self.preset.transformer)
         model = model.to(self.device).train()
+        model.checkpoint_blocks = self.cfg.activation_checkpointing
         if self.cfg.gemm != "bf16":
             from ..quant import convert_for_training
 

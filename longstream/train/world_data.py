@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from ..vae import encode_chunked, num_latent_frames
 from ..vae.checkpoints import load_vae, save_vae
+from ..vae.fast import accelerate
 from .data import INDEX, DataError, write_clip
 from .precompute import done_clips
 from .world import sample_clip
@@ -81,10 +82,10 @@ def build_world_dataset(vae_path: str | Path, out: str | Path, *, clips: int, fr
                           "vae_mtime_ns": source.stat().st_mtime_ns, "frames": frames, "size": size, "seed": seed,
                           "stats_clips": stats_clips})
     if not (out / VAE_FILE).is_file():
-        vae = load_vae(vae_path, device=device)
+        vae = accelerate(load_vae(vae_path, device=device))  # the CPU fast path (same math, state dict unchanged)
         mean, std = latent_statistics(vae, stats_clips, frames, size, seed)
         save_vae(vae, out / VAE_FILE, latents_mean=mean, latents_std=std)
-    vae = load_vae(out / VAE_FILE, device=device)
+    vae = accelerate(load_vae(out / VAE_FILE, device=device))
     done = done_clips(out)
     with torch.no_grad(), tqdm(total=clips, unit="clip", disable=not progress, desc="encode") as bar:
         for first in range(0, clips, batch):
