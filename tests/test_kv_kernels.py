@@ -1,4 +1,5 @@
-"""The KV dequantize kernels (NVFP4, FP8) against their reference twins, bit for bit.
+"""The KV dequantize kernels (NVFP4, FP8) against their reference twins, bit for bit; the fused NVFP4 KV
+attention kernel against dequantize + SDPA.
 
 On CPU the kernel runs in Triton's interpreter in a child process (TRITON_INTERPRET must be set before triton is
 imported), with float32 output: the interpreter truncates float32 -> bf16 casts whatever rounding mode is asked,
@@ -67,3 +68,48 @@ def test_kv_dequant_kernel_on_gpu_at_5b_cache_size():
     assert namespace["check"](1, 24, 32, 880, 128, 32, torch.bfloat16, "cuda", 2) == "ok"
     assert namespace["check"](2, 3, 6, 100, 128, 5, torch.float32, "cuda", 3) == "ok"
     assert namespace["check"](1, 4, 4, 64, 48, 3, torch.bfloat16, "cuda", 5) == "ok"  # head_dim not a power of 2
+
+
+ATTENTION = r'''
+import torch
+from longstream.model.attention import attention
+from longstream.quant.kernels.kv_attention import nvfp4_kv_attention
+from longstream.quant.kv_storage import NVFP4KVStorage
+
+def check_attention(b, h, queries, frames, t, d, length, dtype, device, seed):
+    """Fused NVFP4 KV attention against dequantize (the storage's read) + SDPA; returns the max error / max."""
+    g = torch.Generator().manual_seed(seed)
+    store = NVFP4KVStorage(b, h, frames * t, d, dtype, device, tokens_per_frame=t)
+    k = torch.randn(b, h, frames * t, d, generator=g) * torch.logspace(-1, 1, frames).repeat_interleave(t)[:, None]
+    v = torch.randn(b, h, frames * t, d, generator=g)
+    store.write(torch.arange(frames * t, device=device), k.to(device), v.to(device))
+    q = torch.randn(b, h, queries, d, generator=g).to(device, dtype)
+    kd, vd = store.read(length)
+    want = attention(q.float(), kd.float(), vd.float())
+    got = nvfp4_kv_attention(q, (store.k, store.k_block, store.k_scale), (store.v, store.v_block, store.v_scale),
+                             length, t)
+    assert got.shape == q.shape and got.dtype == dtype
+    return float((got.float() - want).abs().max() / want.abs().max())
+'''
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_fused_nvfp4_kv_attention_interpreted_equals_dequantize_then_sdpa():
+    """float32 queries: equal up to the softmax's summation order. Shapes: a key tail shorter than a tile, head
+    size 48 (not a power of two), queries not a multiple of the tile, a cache longer than `length`."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    code = ATTENTION + (
+        "print(check_attention(2, 3, 70, 3, 21, 48, 63, torch.float32, 'cpu', 0) < 1e-5);"
+        "print(check_attention(1, 2, 64, 4, 32, 32, 128, torch.float32, 'cpu', 1) < 1e-5)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True", "True"]
+
+
+@pytest.mark.gpu
+def test_fused_nvfp4_kv_attention_on_gpu_at_5b_shape():
+    namespace = {}
+    exec(ATTENTION, namespace)
+    assert namespace["check_attention"](1, 24, 7040, 32, 880, 128, 28160, torch.bfloat16, "cuda", 2) < 2e-2
+    assert namespace["check_attention"](1, 4, 100, 3, 64, 48, 150, torch.bfloat16, "cuda", 3) < 2e-2

@@ -4,6 +4,9 @@
   bit-exact with ``longstream.quant.nvfp4.quantize``.
 * ``nvfp4_gemm``: W4A4 GEMM from packed NVFP4 operands (decode to fp16 in registers, tensor-core dot, fp32
   accumulation), and a decode-only kernel (NVFP4 -> bf16) for the split "decode + cuBLAS" variant.
+* ``kv_dequant``: quantized KV cache (NVFP4, FP8) -> compute dtype in one pass, bit-exact with the storages' reads.
+* ``kv_attention``: attention over an NVFP4 KV cache decoding K/V tiles in registers (flash-style online
+  softmax), equal to ``kv_dequant`` + SDPA up to summation order.
 * ``native``: Blackwell ``torch._scaled_mm`` with FP4 operands and swizzled E4M3 block scales (pure PyTorch;
   written to the documented API, not run here: no Blackwell GPU).
 
