@@ -19,24 +19,10 @@ import triton
 import triton.language as tl
 
 from . import patch_interpreter
-from .kv_dequant import _e2m1, _e4m3
+from .kv_dequant import nvfp4_tile
 
 BLOCK_M = 64
 BLOCK_N = 64
-
-
-@triton.jit
-def _decode_tile(codes_ptr, blocks_ptr, global_ptr, bh, t, length, s_alloc, slots, tokens_per_frame,
-                 D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr):
-    """[BN, DP] float32 values of cached tokens `t` of row `bh` (zero past `length` and past D)."""
-    c = tl.arange(0, DP // 2)
-    ok = (t < length)[:, None] & (c < D // 2)[None, :]
-    row = bh * s_alloc + t
-    byte = tl.load(codes_ptr + row[:, None] * (D // 2) + c[None, :], mask=ok, other=0).to(tl.int32)
-    blk = tl.load(blocks_ptr + row[:, None] * (D // 16) + (c // 8)[None, :], mask=ok, other=0).to(tl.int32)
-    g = tl.load(global_ptr + bh * slots + t // tokens_per_frame, mask=t < length, other=0.0)
-    scale = g[:, None] * _e4m3(blk)
-    return tl.reshape(tl.join(_e2m1(byte & 15) * scale, _e2m1(byte >> 4) * scale), (BN, DP))
 
 
 @triton.jit
@@ -53,13 +39,13 @@ def _attention_kernel(q_ptr, kc_ptr, kb_ptr, kg_ptr, vc_ptr, vb_ptr, vg_ptr, out
     acc = tl.zeros((BM, DP), tl.float32)
     for start in range(0, length, BN):
         t = start + tl.arange(0, BN)
-        k = _decode_tile(kc_ptr, kb_ptr, kg_ptr, bh, t, length, s_alloc, slots, tokens_per_frame, D, DP, BN)
+        k = nvfp4_tile(kc_ptr, kb_ptr, kg_ptr, bh, t, length, s_alloc, slots, tokens_per_frame, D, DP, BN)
         s = tl.dot(q, tl.trans(k.to(q.dtype))) * sm_scale
         s = tl.where((t < length)[None, :], s, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(s, axis=1))
         p = tl.exp(s - new_max[:, None])
         correction = tl.exp(row_max - new_max)
-        v = _decode_tile(vc_ptr, vb_ptr, vg_ptr, bh, t, length, s_alloc, slots, tokens_per_frame, D, DP, BN)
+        v = nvfp4_tile(vc_ptr, vb_ptr, vg_ptr, bh, t, length, s_alloc, slots, tokens_per_frame, D, DP, BN)
         acc = acc * correction[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         row_sum = row_sum * correction + tl.sum(p, axis=1)
         row_max = new_max

@@ -42,20 +42,27 @@ def _e4m3(byte):
 
 
 @triton.jit
-def _nvfp4_kernel(codes_ptr, blocks_ptr, global_ptr, out_ptr, length, s_alloc, slots, tokens_per_frame,
-                  D: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr):
-    bh = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1) * BT + tl.arange(0, BT)
-    c = tl.arange(0, DP // 2)  # DP: D rounded up to a power of two (Triton's ranges), masked
+def nvfp4_tile(codes_ptr, blocks_ptr, global_ptr, bh, t, length, s_alloc, slots, tokens_per_frame,
+               D: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr):
+    """[BT, DP] float32 values of cached tokens `t` of row `bh`: zero past `length` and past D (DP: D rounded up
+    to a power of two, as Triton's ranges need)."""
+    c = tl.arange(0, DP // 2)
     ok = (t < length)[:, None] & (c < D // 2)[None, :]
     row = bh * s_alloc + t
     byte = tl.load(codes_ptr + row[:, None] * (D // 2) + c[None, :], mask=ok, other=0).to(tl.int32)
     blk = tl.load(blocks_ptr + row[:, None] * (D // 16) + (c // 8)[None, :], mask=ok, other=0).to(tl.int32)
     g = tl.load(global_ptr + bh * slots + t // tokens_per_frame, mask=t < length, other=0.0)
     scale = g[:, None] * _e4m3(blk)
-    lo = (_e2m1(byte & 15) * scale).to(out_ptr.dtype.element_ty)
-    hi = (_e2m1(byte >> 4) * scale).to(out_ptr.dtype.element_ty)
-    pair = tl.reshape(tl.join(lo, hi), (BT, DP))
+    return tl.reshape(tl.join(_e2m1(byte & 15) * scale, _e2m1(byte >> 4) * scale), (BT, DP))
+
+
+@triton.jit
+def _nvfp4_kernel(codes_ptr, blocks_ptr, global_ptr, out_ptr, length, s_alloc, slots, tokens_per_frame,
+                  D: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BT + tl.arange(0, BT)
+    pair = nvfp4_tile(codes_ptr, blocks_ptr, global_ptr, bh, t, length, s_alloc, slots, tokens_per_frame, D, DP,
+                      BT).to(out_ptr.dtype.element_ty)
     d = tl.arange(0, DP)
     ok_out = (t < length)[:, None] & (d < D)[None, :]
     tl.store(out_ptr + (bh * length + t)[:, None] * D + d[None, :], pair, mask=ok_out)
