@@ -359,19 +359,18 @@ class CausalWanTransformer(nn.Module):
         x = cache.latents.index_select(2, index)
         positions = torch.tensor([info.position for _, info in cached[start:end]], dtype=torch.float64,
                                  device=cache.device)
-        chunks = torch.tensor([info.chunk for _, info in cached], device=cache.device)
+        chunks = torch.tensor([info.chunk for _, info in cached])
         tokens, _, mod, grid = self._embed(x, torch.zeros(x.shape[0], device=x.device))
-        mask = expand_frame_mask(block_causal_mask(chunks), grid[1] * grid[2])
+        # all cached frames in frame order (on head shards under SP), block-causal by chunk, no token mask
+        frame_attention = FrameMaskAttention.for_mask(block_causal_mask(chunks), grid[1] * grid[2])
 
         def attend_and_store(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             mask: torch.Tensor | None) -> torch.Tensor:
+                             mask: torch.Tensor | None = None) -> torch.Tensor:
             k, v = cache.write_frames(layer, slots, k, v)  # what the cache holds (quantized storage included)
-            return attention(q, k, v, mask)
+            return frame_attention(layer, q, k, v)
 
-        if shard is None:
-            attend = lambda layer, q, k, v: attend_and_store(layer, q, k, v, mask)  # noqa: E731
-        else:
-            attend = shard.attention(attend_and_store, len(cached), grid[1] * grid[2], mask=mask)
+        attend = (attend_and_store if shard is None
+                  else shard.attention(attend_and_store, len(cached), grid[1] * grid[2]))
         self._blocks(tokens, mod, self._rope(positions, grid), text, attend)
 
 
