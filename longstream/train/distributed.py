@@ -98,7 +98,6 @@ class ParallelTraining:
         self.chunk_frames = chunk_frames
         self.shift = shift
         self.layout = layout
-        self._masks: dict[tuple[int, int], FrameMaskAttention] = {}
 
     @property
     def is_main(self) -> bool:
@@ -167,16 +166,15 @@ class ParallelTraining:
         noise = torch.randn((batch, *x0.shape[1:2], f, *x0.shape[3:]), generator=generator,
                             device=generator.device)[part, :, lo:hi].to(x0)
         if self.objective == "flow_matching":
-            return self._flow_matching(model, x0, text, s[:, 0], noise, f)
-        return self._teacher_forcing(model, x0, text, s, noise, f)
+            return self._flow_matching(model, x0, text, s[:, 0], noise, f, lo, hi)
+        return self._teacher_forcing(model, x0, text, s, noise, f, lo, hi)
 
     def _tokens_per_frame(self, model: CausalWanTransformer, x0: torch.Tensor) -> int:
         _, ph, pw = model.config.patch_size
         return (x0.shape[3] // ph) * (x0.shape[4] // pw)
 
-    # x0 and noise below hold this rank's frames, frame_range(f), of clips of f frames
-    def _flow_matching(self, model, x0, text, s, noise, f: int) -> torch.Tensor:
-        lo, hi = self.frame_range(f)
+    # x0 and noise below hold this rank's frames [lo, hi) = frame_range(f) of clips of f frames
+    def _flow_matching(self, model, x0, text, s, noise, f: int, lo: int, hi: int) -> torch.Tensor:
         sb = s.view(-1, 1, 1, 1, 1)
         x_t = (1 - sb) * x0 + sb * noise
         tpf = self._tokens_per_frame(model, x0)
@@ -185,9 +183,8 @@ class ParallelTraining:
         pred = model(x_t, 1000.0 * s, text, causal=False, frame_positions=positions, self_attention=attend)
         return (pred.float() - (noise - x0).float()).pow(2).sum() / (x0[:, :, :1].numel() * f)
 
-    def _teacher_forcing(self, model, x0, text, s_chunk, noise, f: int) -> torch.Tensor:
+    def _teacher_forcing(self, model, x0, text, s_chunk, noise, f: int, lo: int, hi: int) -> torch.Tensor:
         b, r = x0.shape[0], self.ctx.sp_rank
-        lo, hi = self.frame_range(f)
         s = s_chunk.repeat_interleave(self.chunk_frames, dim=1)[:, lo:hi]  # [b, frames of this rank]
         sb = s.view(b, 1, hi - lo, 1, 1)
         noisy = (1 - sb) * x0 + sb * noise
@@ -198,9 +195,8 @@ class ParallelTraining:
         t = torch.cat([torch.zeros_like(s), 1000.0 * s], dim=1).index_select(1, local)
         positions = frames % f
         tpf = self._tokens_per_frame(model, x0)
-        if (f, tpf) not in self._masks:  # the mask in exchange order, by frame groups (no token mask)
-            self._masks[(f, tpf)] = FrameMaskAttention(layout.frame_mask(), tpf)
-        attend = UlyssesAttention(self.ctx.sp_group, layout.seq_splits(tpf), inner=self._masks[(f, tpf)])
+        inner = FrameMaskAttention.for_mask(layout.frame_mask(), tpf)  # exchange order, by frame groups
+        attend = UlyssesAttention(self.ctx.sp_group, layout.seq_splits(tpf), inner=inner)
         pred = model(seq, t, text, causal=False, frame_positions=positions, self_attention=attend)
         loss_frames = frames >= f
         target = (noise - x0).index_select(2, frames[loss_frames] - f - lo)

@@ -162,7 +162,7 @@ class TrainConfig:
             raise ConfigError("objective dmd does not accumulate gradients: set grad_accum to 1")
         if self.lora and self.ema:
             raise ConfigError("ema is not kept for a LoRA-only run: set ema to 0")
-        if self.sp > 1 and self.objective not in ("flow_matching", "teacher_forcing"):
+        if self.sp > 1 and self.objective not in PARALLEL_OBJECTIVES:
             raise ConfigError(f"sp > 1 is for flow_matching and teacher_forcing, not objective {self.objective}")
 
     @classmethod
