@@ -17,9 +17,10 @@ Quantized K/V exchange (`kv_format`): "dense" sends K and V as they are; "fp8" a
 formats of `longstream.quant.kv_storage` (one float32 scale per (batch, head, latent frame); NVFP4 1x16 blocks
 along head_dim with E4M3 block scales), packed as bytes with their scales into the same all-to-all as Q, and
 dequantized by the receiver, or (`fields_inner`) handed over as they arrive, e.g. to a KV cache of the same
-format that stores them without quantizing again (`KVCache.attend_fields`). Quantization is per (batch, head, frame), so each sequence shard must hold whole
-latent frames and the result equals `fake_quantize_kv` applied to the whole sequence. Q and the attention
-output always travel in the compute dtype. Float8 is sent as uint8 (gloo has no float8).
+format that stores them without quantizing again (`KVCache.attend_fields`). Quantization is per (batch, head,
+frame), so each sequence shard must hold whole latent frames and the result equals `fake_quantize_kv` applied
+to the whole sequence. Q and the attention output always travel in the compute dtype. Float8 is sent as uint8
+(gloo has no float8).
 """
 
 from __future__ import annotations

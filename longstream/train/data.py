@@ -7,8 +7,9 @@ Format (a folder):
 
 Everything is checked when the dataset is opened; a problem raises `DataError` naming the file (and line).
 Training examples are windows of `clip_frames` latent frames inside one shot, with its prompt: each shot gives
-its consecutive non-overlapping windows from its first frame on (shots shorter than `clip_frames` give none). The order of examples is a seeded permutation per epoch, so any step's batch
-is known from (seed, step) alone: a resumed run sees exactly the data an uninterrupted run would.
+its consecutive non-overlapping windows from its first frame on (shots shorter than `clip_frames` give none).
+The order of examples is a seeded permutation per epoch, so any step's batch is known from (seed, step) alone:
+a resumed run sees exactly the data an uninterrupted run would.
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ SP group are consecutive. A distributed step computes what the single-process st
   an all-reduce sum over the SP group, and FSDP2's reduce-scatter mean over dp.
 - FSDP2 (`fully_shard` over the mesh's dp dimension, when dp > 1; the same calls on NCCL and on gloo/CPU, where
   torch 2.13 runs it and the tests check it): each block's cross-attention K/V projections are units of their
-  own (`prepare_text` runs them for every block before the blocks run), then each block, then the root. Parameters, gradients and optimizer state are sharded over dp and
-  replicated over sp. The EMA copy is sharded the same way (root unit only; it never runs forward).
+  own (`prepare_text` runs them for every block before the blocks run), then each block, then the root.
+  Parameters, gradients and optimizer state are sharded over dp and replicated over sp. The EMA copy is
+  sharded the same way (root unit only; it never runs forward).
 - Checkpoints: full tensors are gathered (a collective) and rank 0 writes them in the single-process format, so a
   run resumes with any number of processes; loading gives every rank its shard of the full tensors.
 """
