@@ -7,7 +7,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, Wa
 from longstream.model.checkpoints import CheckpointError
 from longstream.vae import StreamingDecoder, build_vae
 from longstream.vae.checkpoints import load_vae, save_vae
-from longstream.vae.fast import FastCausalConv3d, FastRMSNorm, accelerate
+from longstream.vae.fast import FastCausalConv3d, FastRMSNorm, accelerate, memory_format
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,6 +63,49 @@ def test_accelerated_layers_keep_gradients():
     for a, b in zip(plain.parameters(), fast.parameters()):
         assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5)
     assert torch.allclose(x.grad, x2.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,z_dim", [("test-wan2.1", 16), ("test-wan2.2", 48)])
+def test_channels_last_streaming_decode_equals_diffusers(kind, z_dim):
+    """Fast layers with channels-last weights, streamed in 2 chunks: float64 equal to diffusers' whole decode."""
+    vae = build_vae(kind, seed=5, dtype=torch.float64)
+    z = torch.randn(1, z_dim, 9, 4, 6, dtype=torch.float64)
+    with torch.no_grad():
+        ref = vae.decode(z).sample
+        accelerate(vae, channels_last=True)
+        assert memory_format(vae) == torch.channels_last_3d
+        decoder = StreamingDecoder(vae, frames_per_call=4)
+        out = torch.cat([decoder.decode(z[:, :, :3]), decoder.decode(z[:, :, 3:])], dim=2)
+    assert ref.abs().max() > 0.1
+    # not 1e-15: RMS norms over 3 channels meet near-zero norms that amplify float64 rounding
+    assert (out - ref).abs().max() <= 1e-8 * ref.abs().max()
+
+
+@pytest.mark.gpu
+def test_channels_last_decode_on_cuda_keeps_the_layout_and_equals_plain():
+    """On CUDA every 3-D convolution of the channels-last decoder gets a channels-last input, and the frames equal
+    diffusers' decode (float32, TF32 off)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    vae = build_vae("test-wan2.2", seed=6, device="cuda")
+    z = torch.randn(1, 48, 5, 6, 8, device="cuda")
+    with torch.no_grad():
+        ref = vae.decode(z).sample
+        accelerate(vae, channels_last=True)
+        layouts = []
+        real = torch.nn.functional.conv3d
+
+        def spy(x, weight, *args):
+            if weight.shape[2:] == (3, 3, 3):
+                layouts.append(x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous())
+            return real(x, weight, *args)
+
+        torch.nn.functional.conv3d = spy
+        try:
+            out = StreamingDecoder(vae, frames_per_call=4).decode(z)
+        finally:
+            torch.nn.functional.conv3d = real
+    assert layouts and all(layouts)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 def test_vae_file_round_trip_with_statistics(tmp_path):

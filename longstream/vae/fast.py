@@ -20,6 +20,7 @@ norm's arithmetic is used everywhere (it upcasts to float32 like diffusers' does
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
 
@@ -28,28 +29,53 @@ class FastRMSNorm(WanRMS_norm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.channel_first:
             return super().forward(x)
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # at least float32
         inv = torch.rsqrt((xf * xf).sum(dim=1, keepdim=True).clamp_min(1e-24))  # F.normalize's eps 1e-12, squared
         return (xf * inv).to(x.dtype) * self.scale * self.gamma + self.bias
 
 
 class FastCausalConv3d(WanCausalConv3d):
-    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        onednn = x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-        if not onednn:
-            return super()._conv_forward(x, weight, bias)
-        return torch.ops.aten.mkldnn_convolution(
-            x.contiguous(), weight.contiguous(), bias, list(self.padding), list(self.stride), list(self.dilation),
-            self.groups,
-        )
+    def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+        # Time: cached frames, then zeros, in front (as diffusers). Space: the convolution's own zero padding,
+        # instead of diffusers' padded copy of the whole input.
+        time_pad = self._padding[4]
+        if cache_x is not None and time_pad > 0:
+            x = torch.cat([cache_x.to(x.device), x], dim=2)
+            time_pad -= cache_x.shape[2]
+        if time_pad > 0:
+            x = torch.cat([torch.zeros_like(x[:, :, :1])] * time_pad + [x], dim=2)  # keeps x's memory format
+        padding = [0, self._padding[2], self._padding[0]]
+        if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            return torch.ops.aten.mkldnn_convolution(
+                x.contiguous(), self.weight.contiguous(), self.bias, padding, list(self.stride),
+                list(self.dilation), self.groups,
+            )
+        return F.conv3d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
 
-def accelerate(vae: AutoencoderKLWan) -> AutoencoderKLWan:
-    """Swap the VAE's RMS norms and causal convs for the faster twins above (in place); returns `vae`."""
+def accelerate(vae: AutoencoderKLWan, *, channels_last: bool = False) -> AutoencoderKLWan:
+    """Swap the VAE's RMS norms and causal convs for the faster twins above (in place); returns `vae`.
+
+    `channels_last=True` also stores the conv weights channels-last (NDHWC / NHWC), the layout cuDNN's bf16
+    tensor-core convolutions run in without transposing; `StreamingDecoder` then feeds the decoder the same
+    layout (see `memory_format`). Same math; meant for CUDA.
+    """
     for module in vae.modules():
         if type(module) is WanRMS_norm:
             module.__class__ = FastRMSNorm
         elif type(module) is WanCausalConv3d:
             module.__class__ = FastCausalConv3d
+    if channels_last:
+        for module in vae.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
+                layout = torch.channels_last_3d if module.weight.dim() == 5 else torch.channels_last
+                module.weight.data = module.weight.data.contiguous(memory_format=layout)
     return vae
 
+
+def memory_format(vae: AutoencoderKLWan) -> torch.memory_format:
+    """The layout the decoder's input should have: channels-last after `accelerate(channels_last=True)`."""
+    weight = vae.decoder.conv_in.weight
+    if not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format

@@ -13,6 +13,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
 
+from .fast import memory_format
 from .wan import check_latents, denormalize, num_video_frames, vae_param
 
 
@@ -71,6 +72,7 @@ class StreamingDecoder:
             latents = denormalize(self.vae, latents)
         param = vae_param(self.vae)
         x = self.vae.post_quant_conv(latents.to(param.device, param.dtype))
+        x = x.contiguous(memory_format=memory_format(self.vae))
 
         outs = []
         start = 0

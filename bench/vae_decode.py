@@ -1,0 +1,138 @@
+"""Streaming VAE decode speed per chunk: diffusers' layers vs the fast twins, layouts, cuDNN autotuning (GPU).
+
+Default: the wan2.2-ti2v-5b preset's VAE with random weights, 704x1280, chunks of 8 latent frames (32 video
+frames), bf16. Every variant decodes the same latents: one video-start chunk, one warm-up chunk, then --chunks
+timed ones. Variants are the cross product of
+  --layers: `plain` (diffusers' classes), `fast` (`accelerate`), `fast-cl` (`accelerate(channels_last=True)`);
+  --frames-per-call: latent frames per decoder call (`StreamingDecoder`);
+  --cudnn-benchmark: off / on (cuDNN picks the fastest algorithm per shape on first use).
+Reports seconds per chunk, video FPS, TFLOP/s (convolution FLOPs counted once with torch's FlopCounterMode),
+the output's max difference from the first variant, and the top GPU kernels of the last variant.
+
+    python bench/vae_decode.py [--layers plain,fast,fast-cl] [--frames-per-call 4] [--cudnn-benchmark off,on]
+        [--chunks 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import torch
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
+from torch.utils.flop_counter import FlopCounterMode
+
+from longstream.config import get_preset
+from longstream.vae import StreamingDecoder, build_vae
+from longstream.vae.fast import FastCausalConv3d, FastRMSNorm, accelerate
+
+LAYERS = ("plain", "fast", "fast-cl")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def set_layers(vae, layers: str) -> None:
+    """Put `vae` in the `layers` variant, from whatever variant it is in (weights unchanged)."""
+    for module in vae.modules():
+        if type(module) is FastCausalConv3d:
+            module.__class__ = WanCausalConv3d
+        elif type(module) is FastRMSNorm:
+            module.__class__ = WanRMS_norm
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
+            module.weight.data = module.weight.data.contiguous()
+    if layers != "plain":
+        accelerate(vae, channels_last=layers == "fast-cl")
+
+
+def decode_chunks(decoder: StreamingDecoder, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [decoder.decode(c) for c in chunks]
+
+
+def top_kernels(fn, count: int) -> list[dict]:
+    """The `count` GPU kernels with the most total time in one call of `fn`, with their share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events)
+    events.sort(key=lambda e: -e.device_time_total)
+    return [dict(name=e.key[:90], ms=e.device_time_total / 1e3, share=e.device_time_total / total, calls=e.count)
+            for e in events[:count]]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="wan2.2-ti2v-5b")
+    p.add_argument("--layers", default="plain,fast,fast-cl")
+    p.add_argument("--frames-per-call", default="4")
+    p.add_argument("--cudnn-benchmark", default="off,on")
+    p.add_argument("--chunks", type=int, default=3, help="timed chunks per variant")
+    p.add_argument("--json", default=None, help="write the results here")
+    a = p.parse_args()
+    layers = a.layers.split(",")
+    if any(x not in LAYERS for x in layers):
+        p.error(f"--layers takes {', '.join(LAYERS)}")
+    per_call = [int(x) for x in a.frames_per_call.split(",")]
+    autotune = [{"off": False, "on": True}[x] for x in a.cudnn_benchmark.split(",")]
+
+    preset = get_preset(a.preset)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    vae = build_vae(preset.vae.kind, dtype=dtype, device=dev, seed=0)
+    frames = preset.stream.chunk_frames
+    gen = torch.Generator(device=dev).manual_seed(0)
+    lat = [torch.randn(1, preset.vae.z_dim, 1 if i == 0 else frames, *preset.latent_size(), device=dev,
+                       dtype=dtype, generator=gen) for i in range(2 + a.chunks)]
+
+    rows, reference, flops = [], None, None
+    with torch.no_grad():
+        for lay, fpc, bench in itertools.product(layers, per_call, autotune):
+            torch.backends.cudnn.benchmark = bench
+            set_layers(vae, lay)
+            decoder = StreamingDecoder(vae, normalized=True, frames_per_call=fpc)
+            decode_chunks(decoder, lat[:2])  # video start + warm-up (and cuDNN autotuning)
+            if flops is None:
+                with FlopCounterMode(display=False) as counter:
+                    decoder.decode(lat[2])
+                flops = counter.get_total_flops()
+                decoder = StreamingDecoder(vae, normalized=True, frames_per_call=fpc)
+                decode_chunks(decoder, lat[:2])
+            sync()
+            start = time.perf_counter()
+            out = decode_chunks(decoder, lat[2:])
+            sync()
+            seconds = (time.perf_counter() - start) / a.chunks
+            last = out[-1].float()
+            reference = last if reference is None else reference
+            video_frames = frames * preset.vae.temporal
+            rows.append(dict(layers=lay, frames_per_call=fpc, cudnn_benchmark=bench, chunk_s=seconds,
+                             video_fps=video_frames / seconds, tflops=flops / seconds / 1e12,
+                             max_diff=(last - reference).abs().max().item()))
+            print(f"{lay:8s} fpc {fpc}  cudnn.benchmark {'on ' if bench else 'off'}  {seconds:.3f} s/chunk  "
+                  f"{video_frames / seconds:6.1f} FPS  {flops / seconds / 1e12:6.1f} TFLOP/s  "
+                  f"max diff {rows[-1]['max_diff']:.3g}", flush=True)
+        kernels = top_kernels(lambda: decoder.decode(lat[-1]), 15) if dev.type == "cuda" else []
+    for k in kernels:
+        print(f"  {k['share']:6.1%} {k['ms']:8.1f} ms {k['calls']:5d}x  {k['name']}")
+    result = dict(device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+                  date=time.strftime("%Y-%m-%d"), torch=torch.__version__, preset=a.preset,
+                  size=[preset.width, preset.height], chunk_latent_frames=frames, dtype=str(dtype),
+                  tflop_per_chunk=flops / 1e12, tflop_per_video_frame=flops / 1e12 / (frames * preset.vae.temporal),
+                  rows=rows, top_kernels_last_row=kernels,
+                  peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None)
+    print(f"{flops / 1e12:.1f} TFLOP a chunk ({result['tflop_per_video_frame']:.2f} per video frame)")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
