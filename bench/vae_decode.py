@@ -3,13 +3,15 @@
 Default: the wan2.2-ti2v-5b preset's VAE with random weights, 704x1280, chunks of 8 latent frames (32 video
 frames), bf16. Every variant decodes the same latents: one video-start chunk, one warm-up chunk, then --chunks
 timed ones. Variants are the cross product of
-  --layers: `plain` (diffusers' classes), `fast` (`accelerate`), `fast-cl` (`accelerate(channels_last=True)`);
+  --layers: `plain` (diffusers' classes), `fast` (`accelerate`, eager), `fused` (`accelerate`, its norm + SiLU
+    compiled: `longstream.fused`), `fused-cl` (the same with `accelerate(channels_last=True)`);
   --frames-per-call: latent frames per decoder call (`StreamingDecoder`);
   --cudnn-benchmark: off / on (cuDNN picks the fastest algorithm per shape on first use).
 Reports seconds per chunk, video FPS, TFLOP/s (convolution FLOPs counted once with torch's FlopCounterMode),
-the output's max difference from the first variant, and the top GPU kernels of the last variant.
+the output's max difference from the first variant, and the top GPU kernels of the last variant. Each variant
+builds the VAE afresh from the same seed.
 
-    python bench/vae_decode.py [--layers plain,fast,fast-cl] [--frames-per-call 4] [--cudnn-benchmark off,on]
+    python bench/vae_decode.py [--layers plain,fast,fused,fused-cl] [--frames-per-call 4] [--cudnn-benchmark off,on]
         [--chunks 3] [--json out.json]
 """
 
@@ -22,14 +24,14 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
 from torch.utils.flop_counter import FlopCounterMode
 
 from longstream.config import get_preset
 from longstream.vae import StreamingDecoder, build_vae
-from longstream.vae.fast import FastCausalConv3d, FastRMSNorm, accelerate
+from longstream.fused import fusion
+from longstream.vae.fast import accelerate
 
-LAYERS = ("plain", "fast", "fast-cl")
+LAYERS = ("plain", "fast", "fused", "fused-cl")
 
 
 def sync() -> None:
@@ -37,17 +39,10 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def set_layers(vae, layers: str) -> None:
-    """Put `vae` in the `layers` variant, from whatever variant it is in (weights unchanged)."""
-    for module in vae.modules():
-        if type(module) is FastCausalConv3d:
-            module.__class__ = WanCausalConv3d
-        elif type(module) is FastRMSNorm:
-            module.__class__ = WanRMS_norm
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
-            module.weight.data = module.weight.data.contiguous()
-    if layers != "plain":
-        accelerate(vae, channels_last=layers == "fast-cl")
+def build(kind: str, layers: str, dtype: torch.dtype, device: torch.device):
+    """The VAE of `kind` (seed 0) in the `layers` variant."""
+    vae = build_vae(kind, dtype=dtype, device=device, seed=0)
+    return vae if layers == "plain" or device == "meta" else accelerate(vae, channels_last=layers == "fused-cl")
 
 
 def decode_chunks(decoder: StreamingDecoder, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -71,7 +66,7 @@ def top_kernels(fn, count: int) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="wan2.2-ti2v-5b")
-    p.add_argument("--layers", default="plain,fast,fast-cl")
+    p.add_argument("--layers", default="plain,fast,fused,fused-cl")
     p.add_argument("--frames-per-call", default="4")
     p.add_argument("--cudnn-benchmark", default="off,on")
     p.add_argument("--chunks", type=int, default=3, help="timed chunks per variant")
@@ -86,40 +81,43 @@ def main() -> None:
     preset = get_preset(a.preset)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    vae = build_vae(preset.vae.kind, dtype=dtype, device=dev, seed=0)
     frames = preset.stream.chunk_frames
     gen = torch.Generator(device=dev).manual_seed(0)
     lat = [torch.randn(1, preset.vae.z_dim, 1 if i == 0 else frames, *preset.latent_size(), device=dev,
                        dtype=dtype, generator=gen) for i in range(2 + a.chunks)]
 
-    rows, reference, flops = [], None, None
+    def measure(lay: str, fpc: int) -> tuple[float, torch.Tensor, StreamingDecoder]:
+        """Seconds per timed chunk, the last chunk's frames, and the decoder (its video continues)."""
+        decoder = StreamingDecoder(build(preset.vae.kind, lay, dtype, dev), normalized=True, frames_per_call=fpc)
+        decode_chunks(decoder, lat[:2])  # video start + warm-up (and cuDNN autotuning)
+        sync()
+        start = time.perf_counter()
+        out = decode_chunks(decoder, lat[2:])
+        sync()
+        return (time.perf_counter() - start) / a.chunks, out[-1].float(), decoder
+
     with torch.no_grad():
-        for lay, fpc, bench in itertools.product(layers, per_call, autotune):
-            torch.backends.cudnn.benchmark = bench
-            set_layers(vae, lay)
-            decoder = StreamingDecoder(vae, normalized=True, frames_per_call=fpc)
-            decode_chunks(decoder, lat[:2])  # video start + warm-up (and cuDNN autotuning)
-            if flops is None:
-                with FlopCounterMode(display=False) as counter:
-                    decoder.decode(lat[2])
-                flops = counter.get_total_flops()
-                decoder = StreamingDecoder(vae, normalized=True, frames_per_call=fpc)
-                decode_chunks(decoder, lat[:2])
-            sync()
-            start = time.perf_counter()
-            out = decode_chunks(decoder, lat[2:])
-            sync()
-            seconds = (time.perf_counter() - start) / a.chunks
-            last = out[-1].float()
-            reference = last if reference is None else reference
-            video_frames = frames * preset.vae.temporal
-            rows.append(dict(layers=lay, frames_per_call=fpc, cudnn_benchmark=bench, chunk_s=seconds,
-                             video_fps=video_frames / seconds, tflops=flops / seconds / 1e12,
-                             max_diff=(last - reference).abs().max().item()))
-            print(f"{lay:8s} fpc {fpc}  cudnn.benchmark {'on ' if bench else 'off'}  {seconds:.3f} s/chunk  "
-                  f"{video_frames / seconds:6.1f} FPS  {flops / seconds / 1e12:6.1f} TFLOP/s  "
-                  f"max diff {rows[-1]['max_diff']:.3g}", flush=True)
-        kernels = top_kernels(lambda: decoder.decode(lat[-1]), 15) if dev.type == "cuda" else []
+        counter = FlopCounterMode(display=False)
+        with counter:
+            StreamingDecoder(build(preset.vae.kind, "plain", dtype, "meta"), normalized=True).decode(
+                lat[2].to("meta"))
+    flops = counter.get_total_flops()
+    video_frames = frames * preset.vae.temporal
+    rows, reference, kernels = [], None, []
+    for lay, fpc, bench in itertools.product(layers, per_call, autotune):
+        torch.backends.cudnn.benchmark = bench
+        with torch.no_grad(), fusion(lay.startswith("fused")):
+            seconds, last, decoder = measure(lay, fpc)
+            if dev.type == "cuda" and (lay, fpc, bench) == (layers[-1], per_call[-1], autotune[-1]):
+                kernels = top_kernels(lambda: decoder.decode(lat[-1]), 15)
+        reference = last if reference is None else reference
+        rows.append(dict(layers=lay, frames_per_call=fpc, cudnn_benchmark=bench, chunk_s=seconds,
+                         video_fps=video_frames / seconds, tflops=flops / seconds / 1e12,
+                         max_diff=(last - reference).abs().max().item()))
+        print(f"{lay:8s} fpc {fpc}  cudnn.benchmark {'on ' if bench else 'off'}  {seconds:.3f} s/chunk  "
+              f"{video_frames / seconds:6.1f} FPS  {flops / seconds / 1e12:6.1f} TFLOP/s  "
+              f"max diff {rows[-1]['max_diff']:.3g}", flush=True)
+        del decoder
     for k in kernels:
         print(f"  {k['share']:6.1%} {k['ms']:8.1f} ms {k['calls']:5d}x  {k['name']}")
     result = dict(device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",

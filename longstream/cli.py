@@ -243,6 +243,9 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="KV-cache storage, comma list of dense, fp8, nvfp4 (default dense)")
     e.add_argument("--async-decode", default="on",
                    help="VAE decode on a worker overlapping the DiT, comma list of on, off (default on)")
+    e.add_argument("--fusion", default="on",
+                   help="compiled elementwise block steps on CUDA (norms, modulation, RoPE, residuals), comma list "
+                        "of on, off (default on)")
     e.add_argument("--no-vae", action="store_true", help="time the DiT alone (no VAE built)")
     e.add_argument("--compile", nargs="?", const="max-autotune-no-cudagraphs", metavar="MODE",
                    help="torch.compile each transformer pass: max-autotune-no-cudagraphs (without MODE) or default")
@@ -263,9 +266,10 @@ def _run_bench_e2e(args: argparse.Namespace) -> None:
 
     result = run_e2e(E2ERequest(
         preset=args.preset, height=args.height, width=args.width, chunks=args.chunks, steps=args.steps,
-        linear=args.linear, kv_cache=args.kv_cache, async_decode=args.async_decode, vae=not args.no_vae,
-        compile=args.compile, text_tokens=args.text_tokens, seed=args.seed, peak_tflops=args.peak_tflops,
-        peak_tbps=args.peak_tbps, json=args.json, device=args.device, progress=not args.quiet,
+        linear=args.linear, kv_cache=args.kv_cache, async_decode=args.async_decode, fusion=args.fusion,
+        vae=not args.no_vae, compile=args.compile, text_tokens=args.text_tokens, seed=args.seed,
+        peak_tflops=args.peak_tflops, peak_tbps=args.peak_tbps, json=args.json, device=args.device,
+        progress=not args.quiet,
     ))
     print(format_table(result))
 

@@ -10,9 +10,10 @@ profiled pass) and then --chunks chunks (the timed pass): split long sweeps into
 holds every finished row. Weights are random and seeded (the same weights in every row, quantized in fp8 and
 nvfp4 rows), with the preset's resolution (or --height/--width), chunk, window and sink; one prompt of
 --text-tokens random embedding tokens (512, umT5's padded length) and one noise seed, so every row denoises the
-same noise. Compute in bf16 on a GPU (float32 on a CPU). The VAE has random weights and decodes with
-`StreamingDecoder`, 4 latent frames a call as in `longstream generate`, in the compute dtype (generate decodes in
-float32).
+same noise. `--fusion on,off` runs the transformer block's elementwise steps compiled (one kernel each,
+`longstream.fused`) or eagerly; it only exists on CUDA (CPU rows are eager). Compute in bf16 on a
+GPU (float32 on a CPU). The VAE has random weights and decodes with `StreamingDecoder`, 4 latent frames a call
+as in `longstream generate`, in the compute dtype (generate decodes in float32).
 
 Per row, on a model built (and quantized, and compiled) once per linear format:
 
@@ -49,7 +50,8 @@ Per row, on a model built (and quantized, and compiled) once per linear format:
      the host; `first_chunk_s`: DiT time of the first chunk;
    - `peak_memory_gib`: `torch.cuda.max_memory_allocated` over the timed pass, weights included (null on a CPU);
    - `latent_rel_error`: ||z - z_ref|| / ||z_ref|| over every chunk's latents, z_ref from eager bf16 linears with a
-     dense KV cache, the same steps, weights, prompt and noise (0 for that row itself).
+     dense KV cache and no fusion, the same steps, weights, prompt and noise (0 for that row itself; streamed
+     untimed first when no row is that one).
    With --no-vae the VAE is not built: video_fps, first_frame_s and the vae breakdown are null.
 3. Roofline (`longstream.bench.roofline`): FLOPs and bytes per video frame from the config, and the DiT's FPS
    ceiling for --peak-tflops / --peak-tbps.
@@ -67,8 +69,8 @@ raised to 256 graphs per function and reaching it is an error, so that no row si
 
 JSON: the settings (device, torch, preset, height, width, tokens_per_frame, chunk_frames, window_frames,
 sink_frames, chunks, first_measured_chunk, text_tokens, seed, dtype, vae, compile, peak_tflops, peak_tbps) and
-`rows`, each with steps, linear, kv_cache, async_decode (null without VAE), video_fps, dit_fps, chunk_s (steady
-host time per chunk), dit_chunk_s, first_frame_s, first_chunk_s, peak_memory_gib, latent_rel_error, breakdown_ms
+`rows`, each with steps, linear, kv_cache, async_decode (null without VAE), fusion, video_fps, dit_fps, chunk_s
+(steady host time per chunk), dit_chunk_s, first_frame_s, first_chunk_s, peak_memory_gib, latent_rel_error, breakdown_ms
 {linears, attention, cache_write, vae, other, chunk, kernels, unlinked, shared_ids} and roofline {flops_per_frame,
 linear_flops_per_frame, attention_flops_per_frame, bytes_per_frame, compute_bound_fps, memory_bound_fps,
 ceiling_fps, bound, dit_fraction}. The file is rewritten after every row, so a stopped sweep keeps its rows.
@@ -97,6 +99,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from ..config import Preset, StreamConfig, get_preset
 from ..devices import resolve_device
 from ..errors import UsageError
+from ..fused import fusion
 from ..model.transformer import CausalWanTransformer
 from ..pipeline.stream import ShotPlan, StreamingGenerator
 from ..quant.linear import MODES, QuantLinear, quantize_model
@@ -107,6 +110,7 @@ from .roofline import PEAK_TBPS, PEAK_TFLOPS, ChunkCost, ceiling, chunk_cost
 
 KV_CACHES = ("dense", "fp8", "nvfp4")
 ASYNC_DECODE = {"on": True, "off": False}
+FUSION = {"on": True, "off": False}
 COMPILE_MODES = ("max-autotune-no-cudagraphs", "default")
 RECOMPILE_LIMIT = 256  # graphs per compiled function (see the module docstring)
 
@@ -128,6 +132,7 @@ class E2ERequest:
     linear: str = "bf16"
     kv_cache: str = "dense"
     async_decode: str = "on"
+    fusion: str = "on"
     vae: bool = True
     compile: str | None = None
     text_tokens: int = 512
@@ -145,9 +150,10 @@ class RowConfig:
     linear: str
     kv_cache: str
     async_decode: bool | None  # None: no VAE
+    fusion: bool = True  # compiled elementwise block steps on CUDA (longstream.model.elementwise)
 
     def is_reference(self) -> bool:
-        return self.linear == "bf16" and self.kv_cache == "dense"
+        return self.linear == "bf16" and self.kv_cache == "dense" and not self.fusion
 
 
 @dataclass
@@ -229,6 +235,7 @@ def plan(req: E2ERequest) -> _Plan:
     linears = parse_list(req.linear, "--linear", MODES)
     kv_caches = parse_list(req.kv_cache, "--kv-cache", KV_CACHES)
     asyncs = [ASYNC_DECODE[a] for a in parse_list(req.async_decode, "--async-decode", list(ASYNC_DECODE))]
+    fusions = [FUSION[f] for f in parse_list(req.fusion, "--fusion", list(FUSION))]
     if "nvfp4" in kv_caches and preset.transformer.attention_head_dim % 16:
         raise UsageError(f"--kv-cache nvfp4 needs a head dimension divisible by 16; preset {preset.name} has "
                          f"{preset.transformer.attention_head_dim}")
@@ -254,8 +261,12 @@ def plan(req: E2ERequest) -> _Plan:
     # bf16 linears and the dense cache first: their rows give the other rows' reference latents
     linears.sort(key=lambda m: m != "bf16")
     kv_caches.sort(key=lambda m: m != "dense")
-    rows = [RowConfig(s, lin, kv, a if req.vae else None)
-            for lin in linears for kv in kv_caches for s in steps for a in (asyncs if req.vae else [None])]
+    if device.type != "cuda":
+        fusions = [False]  # the compiled block steps are a CUDA path
+    fusions.sort()  # unfused rows first: the eager bf16 one is the reference
+    rows = [RowConfig(s, lin, kv, a if req.vae else None, fu)
+            for lin in linears for kv in kv_caches for s in steps for fu in fusions
+            for a in (asyncs if req.vae else [None])]
     return _Plan(req, preset, height, width, latent_hw, preset.tokens_per_frame(height, width), first_full,
                  first_measured, rows, peaks, PEAK_TBPS if req.peak_tbps is None else req.peak_tbps, device)
 
@@ -523,8 +534,9 @@ class _Bench:
         """Measure one configuration against `reference` latents (None: it is the reference); returns the
         row's results and its latents."""
         p = self.p
-        parts = self.profile_chunk(model, row)
-        run = self.stream(model, row)
+        with fusion(row.fusion):
+            parts = self.profile_chunk(model, row)
+            run = self.stream(model, row)
         first = p.first_measured
         measured = range(first, p.request.chunks)
         frames = p.preset.stream.chunk_frames * p.preset.vae.temporal
@@ -558,8 +570,9 @@ class _Bench:
 
     def reference(self, model: CausalWanTransformer, steps: int) -> list[torch.Tensor]:
         """Latents of the eager bf16 / dense-cache stream (DiT only, untimed)."""
-        row = RowConfig(steps, "bf16", "dense", None)
-        return [chunk.latents.float().cpu() for chunk in self._chunks(model, row, self.p.request.chunks)]
+        row = RowConfig(steps, "bf16", "dense", None, fusion=False)
+        with fusion(False):
+            return [chunk.latents.float().cpu() for chunk in self._chunks(model, row, self.p.request.chunks)]
 
 
 def settings(p: _Plan) -> dict[str, Any]:
@@ -633,7 +646,8 @@ def _release(device: torch.device) -> None:
 # -- output ---------------------------------------------------------------------------------------------------------
 def _describe(row: RowConfig) -> str:
     decode = "" if row.async_decode is None else f", decode {'async' if row.async_decode else 'sequential'}"
-    return f"{row.steps} steps, {row.linear} linears, {row.kv_cache} KV{decode}"
+    fused = "on" if row.fusion else "off"
+    return f"{row.steps} steps, {row.linear} linears, {row.kv_cache} KV{decode}, fusion {fused}"
 
 
 def _num(value: float | None, spec: str) -> str:
@@ -646,7 +660,7 @@ def render_table(title: str, cells: list[list[str]]) -> list[str]:
     return [title, *("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)]
 
 
-COLUMNS = ("steps", "linear", "kv", "async", "FPS", "DiT FPS", "TTFF s", "peak GiB", "lin ms", "attn ms",
+COLUMNS = ("steps", "linear", "kv", "fused", "async", "FPS", "DiT FPS", "TTFF s", "peak GiB", "lin ms", "attn ms",
            "cache ms", "VAE ms", "other ms", "lat err", "ceiling")
 
 
@@ -659,7 +673,8 @@ def format_table(result: dict[str, Any]) -> str:
         b, roof = row["breakdown_ms"], row["roofline"]
         decode = "-" if row["async_decode"] is None else ("on" if row["async_decode"] else "off")
         cells.append([
-            str(row["steps"]), row["linear"], row["kv_cache"], decode, _num(row["video_fps"], ".2f"),
+            str(row["steps"]), row["linear"], row["kv_cache"], "on" if row.get("fusion") else "off", decode,
+            _num(row["video_fps"], ".2f"),
             _num(row["dit_fps"], ".2f"), _num(row["first_frame_s"], ".3f"), _num(row["peak_memory_gib"], ".2f"),
             *(_num(b[k], ".1f") for k in (LINEARS, ATTENTION, CACHE_WRITE, VAE, "other")),
             _num(row["latent_rel_error"], ".2e"), _num(roof["ceiling_fps"], ".1f"),

@@ -23,10 +23,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .. import fused
 from ..config import TransformerConfig
+from . import elementwise as ew
 from .attention import FrameMaskAttention, attention, block_causal_mask, chunk_ids, expand_frame_mask
 from .kv_cache import KVCache
-from .rope import apply_rope, rope_cos_sin
+from .rope import rope_cos_sin
 
 SelfAttention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # (layer, q, k, v, token mask or None) -> output; q, k, v and output are [B, H, S, Dh]
@@ -37,9 +39,7 @@ class FP32LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the input dtype (as Wan does)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+        return fused.run(ew.layer_norm, x, self.weight, self.bias, self.eps)
 
 
 class _Linear2(nn.Module):
@@ -135,24 +135,23 @@ class WanBlock(nn.Module):
         b, f, t, d = x.shape
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + mod.float()).unsqueeze(3).unbind(2)
 
-        h = (self.norm1(x.float()) * (1 + scale) + shift).to(x.dtype).reshape(b, f * t, d)
+        h = fused.run(ew.modulated_norm, x, scale, shift, self.norm1.eps).reshape(b, f * t, d)
         a = self.attn1
-        q = a.norm_q(a.to_q(h)).unflatten(-1, (a.heads, -1))
-        k = a.norm_k(a.to_k(h)).unflatten(-1, (a.heads, -1))
+        q = fused.run(ew.rms_norm_rope, a.to_q(h), a.norm_q.weight, a.norm_q.eps, a.heads, *rope)
+        k = fused.run(ew.rms_norm_rope, a.to_k(h), a.norm_k.weight, a.norm_k.eps, a.heads, *rope)
         v = a.to_v(h).unflatten(-1, (a.heads, -1))
-        q, k = apply_rope(q, *rope).to(v.dtype), apply_rope(k, *rope).to(v.dtype)
         o = self_attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         o = a.to_out[0](o.transpose(1, 2).flatten(2).to(q.dtype)).reshape(b, f, t, d)
-        x = (x.float() + o * gate).to(x.dtype)
+        x = fused.run(ew.gated_residual, x, o, gate)
 
-        h = self.norm2(x.float()).to(x.dtype).reshape(b, f * t, d)
+        h = self.norm2(x).reshape(b, f * t, d)
         c = self.attn2
         q = c.norm_q(c.to_q(h)).unflatten(-1, (c.heads, -1)).transpose(1, 2)
         o = attention(q, *text_kv).transpose(1, 2).flatten(2).to(q.dtype)
         x = x + c.to_out[0](o).reshape(b, f, t, d)
 
-        h = (self.norm3(x.float()) * (1 + c_scale) + c_shift).to(x.dtype)
-        return (x.float() + self.ffn(h).float() * c_gate).to(x.dtype)
+        h = fused.run(ew.modulated_norm, x, c_scale, c_shift, self.norm3.eps)
+        return fused.run(ew.gated_residual, x, self.ffn(h), c_gate)
 
 
 class FrameShard(Protocol):

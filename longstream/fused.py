@@ -1,0 +1,42 @@
+"""Compiled elementwise steps on CUDA: `run(fn, x, ...)` calls `torch.compile(fn)` or, where that does not apply,
+`fn` itself (the eager reference twin).
+
+Used for chains of norm / modulation / RoPE / residual arithmetic that eager PyTorch runs as several float32
+passes over the tensor: compiled, each becomes one kernel that reads its inputs once. Compiled results equal the
+eager ones up to float rounding order (Inductor may keep float32 intermediates where eager rounds to bf16). Only
+CUDA inference takes the compiled path; CPU tensors, and anything recorded by autograd, run eagerly.
+`fusion(False)` turns it off (the benchmarks' eager reference).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Callable, Iterator
+
+import torch
+
+_ENABLED = [True]
+
+
+@contextlib.contextmanager
+def fusion(enabled: bool) -> Iterator[None]:
+    """Within the block, use (or not) the compiled functions on CUDA."""
+    saved = _ENABLED[0]
+    _ENABLED[0] = enabled
+    try:
+        yield
+    finally:
+        _ENABLED[0] = saved
+
+
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn, fullgraph=True)
+
+
+def run(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args) -> torch.Tensor:
+    """`fn(x, *args)`, compiled when x is on CUDA, fusion is on and no gradient is being recorded."""
+    if _ENABLED[0] and x.is_cuda and not torch.is_grad_enabled():
+        return _compiled(fn)(x, *args)
+    return fn(x, *args)

@@ -1,0 +1,86 @@
+"""The block's compiled elementwise steps equal their eager twins (GPU), and stay eager where they must."""
+
+import pytest
+import torch
+
+from longstream import fused
+from longstream.model import elementwise as ew
+
+
+def _inputs(device: str, dtype: torch.dtype, heads: int = 4, dim: int = 256) -> dict:
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape, dt=dtype):
+        return torch.randn(*shape, generator=g, device=device, dtype=dt)
+
+    tokens = 3 * 40
+    angles = torch.rand(tokens, dim // heads // 2, generator=g, device=device) * 6.28
+    return dict(
+        x=randn(2, 3, 40, dim) * 3 + 1, y=randn(2, 3, 40, dim),
+        scale=randn(2, 3, 1, dim, dt=torch.float32), shift=randn(2, 3, 1, dim, dt=torch.float32),
+        gate=randn(2, 3, 1, dim, dt=torch.float32), weight=randn(dim) + 1, bias=randn(dim),
+        q=randn(2, tokens, dim) * 2, cos=angles.cos(), sin=angles.sin(), heads=heads,
+    )
+
+
+def _cases(a: dict) -> list:
+    return [
+        (ew.modulated_norm, (a["x"], a["scale"], a["shift"], 1e-6)),
+        (ew.gated_residual, (a["x"], a["y"], a["gate"])),
+        (ew.layer_norm, (a["x"], a["weight"], a["bias"], 1e-6)),
+        (ew.layer_norm, (a["x"], None, None, 1e-6)),
+        (ew.rms_norm_rope, (a["q"], a["weight"], 1e-6, a["heads"], a["cos"], a["sin"])),
+    ]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1.6e-2)])
+def test_compiled_steps_equal_eager(dtype, tol):
+    """Same results up to rounding order; bf16 within about one bf16 ulp (Inductor may skip a bf16 rounding)."""
+    before = fused._compiled.cache_info().currsize
+    with torch.no_grad():
+        for fn, args in _cases(_inputs("cuda", dtype)):
+            ref = fn(*args)
+            out = fused.run(fn, *args)
+            assert out.dtype == ref.dtype and out.shape == ref.shape
+            torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+    assert fused._compiled.cache_info().currsize > before  # the compiled path ran
+
+
+def test_steps_stay_eager_on_cpu_with_grad_or_when_off(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fused, "_compiled", lambda fn: calls.append(fn) or fn)
+    a = _inputs("cpu", torch.float32)
+    with torch.no_grad():
+        fused.run(ew.gated_residual, a["x"], a["y"], a["gate"])  # CPU: eager
+    assert calls == []
+    if torch.cuda.is_available():
+        x = a["x"].cuda()
+        fused.run(ew.gated_residual, x, a["y"].cuda(), a["gate"].cuda())  # autograd on: eager
+        with torch.no_grad(), fused.fusion(False):
+            fused.run(ew.gated_residual, x, a["y"].cuda(), a["gate"].cuda())
+        assert calls == []
+        with torch.no_grad():
+            fused.run(ew.gated_residual, x, a["y"].cuda(), a["gate"].cuda())
+        assert calls == [ew.gated_residual]
+
+
+def test_eager_steps_match_float64_math():
+    """The eager twins against the formulas in float64, to float32 precision (they compute in float32, as Wan does;
+    the transformer tests compare the whole block with diffusers' Wan modules)."""
+    a = _inputs("cpu", torch.float64)
+    x, y = a["x"], a["y"]
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    norm = (x - mean) / torch.sqrt(var + 1e-6)
+    close = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ew.modulated_norm(x, a["scale"], a["shift"], 1e-6),
+                               norm * (1 + a["scale"]) + a["shift"], **close)
+    torch.testing.assert_close(ew.layer_norm(x, a["weight"], a["bias"], 1e-6), norm * a["weight"] + a["bias"], **close)
+    torch.testing.assert_close(ew.gated_residual(x, y, a["gate"]), x + y * a["gate"], **close)
+    q, heads = a["q"], a["heads"]
+    normed = (q / torch.sqrt(q.square().mean(-1, keepdim=True) + 1e-6) * a["weight"]).unflatten(-1, (heads, -1))
+    even, odd = normed[..., 0::2], normed[..., 1::2]
+    c, s = a["cos"][None, :, None].double(), a["sin"][None, :, None].double()
+    rotated = torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2)
+    out = ew.rms_norm_rope(q, a["weight"], 1e-6, heads, a["cos"], a["sin"])
+    torch.testing.assert_close(out, rotated, **close)
