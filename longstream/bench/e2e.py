@@ -31,10 +31,11 @@ Per row, on a model built (and quantized, and compiled) once per linear format:
    `attend`, the cache-writing pass and the decode for this pass only); aten linear ops (linear, addmm, mm, bmm,
    matmul, _scaled_mm) and SDPA ops outside any label count as linears and attention. On a GPU a component's time
    is the summed duration of the kernels launched inside it, so GPU idle time lands in `other`; on a CPU it is the
-   component's wall time. Two more GPU figures check the attribution: `kernels` (all kernel time of the chunk) and
-   `unlinked` (kernel time the profiler tied to no CPU event, which therefore counts in `other`); a negative
-   `unlinked` means kernels were counted under several CPU events (`shared_ids`: CPU events whose id another
-   one shares), and the table then flags the row's breakdown as inconsistent. With --compile the
+   component's wall time. torch.profiler gives a correlation id's kernels to every CPU event with that id
+   (`shared_ids` counts such events), so each id's kernels count once. Two more GPU figures check the
+   attribution: `kernels` (all kernel time of the chunk) and `unlinked` (kernel time the profiler tied to no CPU
+   event, which therefore counts in `other`); a negative `unlinked` would mean kernels counted twice, and the
+   table then flags the row's breakdown as inconsistent. With --compile the
    Linear and attend wrappers are left off (they would run inside the compiled code): linears and attention are
    then the aten GEMM and SDPA ops that the compiled code calls, while GEMMs that inductor generates as Triton
    templates, and fused kernels, count as `other`.
@@ -379,9 +380,14 @@ def _own_kernel_us(event) -> float:
     return sum(k.duration for k in event.kernels if k.name not in _LABELS)  # GPU user-annotation spans left out
 
 
-def _kernel_us(event) -> float:
-    """Summed duration of the kernels launched inside a profiler event."""
-    return _own_kernel_us(event) + sum(_kernel_us(child) for child in event.cpu_children)
+def _kernel_us(event, seen: set[int]) -> float:
+    """Summed duration of the kernels launched inside a profiler event. torch.profiler hands the kernels of one
+    correlation id to every CPU event with that id (nested ops can share one), so each id counts once (`seen`)."""
+    own = 0.0
+    if event.id not in seen:
+        seen.add(event.id)
+        own = _own_kernel_us(event)
+    return own + sum(_kernel_us(child, seen) for child in event.cpu_children)
 
 
 def breakdown(events: Sequence, wall_s: float, on_gpu: bool) -> dict[str, float | None]:
@@ -390,6 +396,7 @@ def breakdown(events: Sequence, wall_s: float, on_gpu: bool) -> dict[str, float 
     `kernels`, all kernel time, and `unlinked`, kernel time that the profiler tied to no CPU event (so no category
     could claim it: it lands in `other`)."""
     totals = dict.fromkeys((LINEARS, ATTENTION, CACHE_WRITE, VAE), 0.0)
+    seen: set[int] = set()
 
     def visit(event) -> None:
         category = _category(event.name)
@@ -397,7 +404,7 @@ def breakdown(events: Sequence, wall_s: float, on_gpu: bool) -> dict[str, float 
             for child in event.cpu_children:
                 visit(child)
         else:
-            totals[category] += (_kernel_us(event) if on_gpu else event.cpu_time_total) / 1000
+            totals[category] += (_kernel_us(event, seen) if on_gpu else event.cpu_time_total) / 1000
 
     cpu = [e for e in events if e.device_type == DeviceType.CPU]
     for event in cpu:
@@ -408,7 +415,8 @@ def breakdown(events: Sequence, wall_s: float, on_gpu: bool) -> dict[str, float 
     if on_gpu:
         kernels = sum(e.time_range.elapsed_us() for e in events
                       if e.device_type != DeviceType.CPU and not e.is_user_annotation) / 1000
-        unlinked = kernels - sum(_own_kernel_us(e) for e in cpu) / 1000
+        linked = {e.id: _own_kernel_us(e) for e in cpu}  # one entry per correlation id
+        unlinked = kernels - sum(linked.values()) / 1000
         ids = Counter(e.id for e in cpu if getattr(e, "linked_correlation_id", 0) == 0)
         shared = sum(n for n in ids.values() if n > 1)
     return {**totals, "other": chunk - sum(totals.values()), "chunk": chunk, "kernels": kernels, "unlinked": unlinked,
