@@ -34,16 +34,17 @@ def _cases(a: dict) -> list:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2**-6)])
 def test_compiled_steps_equal_eager(dtype, tol):
-    """Same results up to rounding order; bf16 within about one bf16 ulp (Inductor may skip a bf16 rounding)."""
+    """Same results up to rounding order: within tol of the output's largest value (bf16: two ulps there; Inductor
+    may keep a float32 intermediate, e.g. the RMS-normed q, where eager rounds it to bf16)."""
     before = fused._compiled.cache_info().currsize
     with torch.no_grad():
         for fn, args in _cases(_inputs("cuda", dtype)):
             ref = fn(*args)
             out = fused.run(fn, *args)
             assert out.dtype == ref.dtype and out.shape == ref.shape
-            torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+            assert (out.float() - ref.float()).abs().max() <= tol * ref.float().abs().max(), fn.__name__
     assert fused._compiled.cache_info().currsize > before  # the compiled path ran
 
 

@@ -72,7 +72,8 @@ JSON: the settings (device, torch, preset, height, width, tokens_per_frame, chun
 sink_frames, chunks, first_measured_chunk, text_tokens, seed, dtype, vae, compile, peak_tflops, peak_tbps) and
 `rows`, each with steps, linear, kv_cache, async_decode (null without VAE), fusion, video_fps, dit_fps, chunk_s
 (steady host time per chunk), dit_chunk_s, first_frame_s, first_chunk_s, peak_memory_gib, latent_rel_error, breakdown_ms
-{linears, attention, cache_write, vae, other, chunk, kernels, unlinked, shared_ids} and roofline {flops_per_frame,
+{linears, attention, cache_write, vae, other, chunk, kernels, unlinked, shared_ids, top_kernels (GPU: the
+TOP_KERNELS kernels with the most time in the profiled chunk)} and roofline {flops_per_frame,
 linear_flops_per_frame, attention_flops_per_frame, bytes_per_frame, compute_bound_fps, memory_bound_fps,
 ceiling_fps, bound, dit_fraction}. The file is rewritten after every row, so a stopped sweep keeps its rows.
 """
@@ -114,6 +115,7 @@ ASYNC_DECODE = {"on": True, "off": False}
 FUSION = {"on": True, "off": False}
 COMPILE_MODES = ("max-autotune-no-cudagraphs", "default")
 RECOMPILE_LIMIT = 256  # graphs per compiled function (see the module docstring)
+TOP_KERNELS = 25  # kernels listed per profiled chunk in the JSON
 
 LINEARS, ATTENTION, CACHE_WRITE, VAE = "linears", "attention", "cache_write", "vae"
 _LABELS = {f"longstream.{name}": name for name in (LINEARS, ATTENTION, CACHE_WRITE, VAE)}
@@ -423,6 +425,18 @@ def breakdown(events: Sequence, wall_s: float, on_gpu: bool) -> dict[str, float 
             "shared_ids": shared}
 
 
+def top_kernels(events: Sequence, count: int) -> list[dict[str, Any]]:
+    """The `count` GPU kernels (by name) with the most summed time: name (cut to 100 characters), ms, calls."""
+    totals: dict[str, list[float]] = {}
+    for e in events:
+        if e.device_type != DeviceType.CPU and not e.is_user_annotation:
+            entry = totals.setdefault(e.name[:100], [0.0, 0])
+            entry[0] += e.time_range.elapsed_us() / 1000
+            entry[1] += 1
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:count]
+    return [{"name": name, "ms": ms, "calls": calls} for name, (ms, calls) in ranked]
+
+
 def consistent(parts: dict[str, float | None]) -> bool:
     """False when the kernel time tied to CPU events exceeds all kernel time by over 1% (negative `unlinked`):
     some kernels were then counted under several events, and the GPU breakdown cannot be trusted."""
@@ -497,9 +511,11 @@ class _Bench:
             _sync(self.p.device)
             wall = time.perf_counter() - start
         chunks.close()
-        result: dict[str, float | None] = breakdown(prof.events(), wall, on_gpu)
+        result: dict[str, Any] = breakdown(prof.events(), wall, on_gpu)
         if decoder is None:
             result[VAE] = None
+        if on_gpu:
+            result["top_kernels"] = top_kernels(prof.events(), TOP_KERNELS)
         return result
 
     def stream(self, model: CausalWanTransformer, row: RowConfig) -> _Stream:
