@@ -96,11 +96,12 @@ def main() -> None:
         sync()
         return (time.perf_counter() - start) / a.chunks, out[-1].float(), decoder
 
-    with torch.no_grad():
+    with torch.no_grad():  # FLOPs of a steady chunk, counted on the meta device
+        counting = StreamingDecoder(build(preset.vae.kind, "plain", dtype, "meta"), normalized=True)
+        decode_chunks(counting, [z.to("meta") for z in lat[:2]])
         counter = FlopCounterMode(display=False)
         with counter:
-            StreamingDecoder(build(preset.vae.kind, "plain", dtype, "meta"), normalized=True).decode(
-                lat[2].to("meta"))
+            counting.decode(lat[2].to("meta"))
     flops = counter.get_total_flops()
     video_frames = frames * preset.vae.temporal
     rows, reference, kernels = [], None, []

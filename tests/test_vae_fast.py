@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
+from diffusers.models.autoencoders.autoencoder_kl_wan import DupUp3D, WanCausalConv3d, WanRMS_norm
 
 from longstream.model.checkpoints import CheckpointError
 from longstream.vae import StreamingDecoder, build_vae
 from longstream.vae.checkpoints import load_vae, save_vae
-from longstream.vae.fast import FastCausalConv3d, FastRMSNorm, accelerate, memory_format
+from longstream.vae.fast import FastCausalConv3d, FastDupUp3D, FastRMSNorm, accelerate, memory_format
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,6 +79,19 @@ def test_channels_last_streaming_decode_equals_diffusers(kind, z_dim):
     assert ref.abs().max() > 0.1
     # not 1e-15: RMS norms over 3 channels meet near-zero norms that amplify float64 rounding
     assert (out - ref).abs().max() <= 1e-8 * ref.abs().max()
+
+
+@pytest.mark.parametrize("c_in,c_out,factor_t", [(8, 8, 2), (8, 4, 2), (6, 6, 1), (8, 4, 1)])
+@pytest.mark.parametrize("first_chunk", [False, True])
+def test_fast_dup_up_equals_diffusers_and_stays_channels_last(c_in, c_out, factor_t, first_chunk):
+    plain = DupUp3D(c_in, c_out, factor_t, 2)
+    fast = DupUp3D(c_in, c_out, factor_t, 2)
+    fast.__class__ = FastDupUp3D
+    x = torch.randn(2, c_in, 3, 4, 5)
+    out = fast(x.contiguous(memory_format=torch.channels_last_3d), first_chunk)
+    assert torch.equal(out, plain(x, first_chunk))
+    assert out.permute(0, 2, 3, 4, 1).is_contiguous() or first_chunk  # NDHWC in memory (a time slice if first)
+    assert torch.equal(fast(x, first_chunk), plain(x, first_chunk))  # contiguous input: diffusers' path
 
 
 @pytest.mark.gpu

@@ -10,10 +10,10 @@ profiled pass) and then --chunks chunks (the timed pass): split long sweeps into
 holds every finished row. Weights are random and seeded (the same weights in every row, quantized in fp8 and
 nvfp4 rows), with the preset's resolution (or --height/--width), chunk, window and sink; one prompt of
 --text-tokens random embedding tokens (512, umT5's padded length) and one noise seed, so every row denoises the
-same noise. `--fusion on,off` runs the transformer block's elementwise steps compiled (one kernel each,
-`longstream.fused`) or eagerly; it only exists on CUDA (CPU rows are eager). Compute in bf16 on a
+same noise. `--fusion on,off` runs the elementwise steps of the transformer block and of the VAE's norms compiled
+(one kernel each, `longstream.fused`) or eagerly; it only exists on CUDA (CPU rows are eager). Compute in bf16 on a
 GPU (float32 on a CPU). The VAE has random weights and decodes with `StreamingDecoder`, 4 latent frames a call
-as in `longstream generate`, in the compute dtype (generate decodes in float32).
+as in `longstream generate`, in the compute dtype (generate decodes in float32), channels-last on a GPU.
 
 Per row, on a model built (and quantized, and compiled) once per linear format:
 
@@ -464,7 +464,8 @@ class _Bench:
         self.vae = None
         if req.vae:
             with torch.device(dev):
-                self.vae = accelerate(build_vae(p.preset.vae.kind, dtype=p.dtype))
+                vae = build_vae(p.preset.vae.kind, dtype=p.dtype)
+                self.vae = accelerate(vae, channels_last=dev.type == "cuda")  # bench/vae_decode.py's fastest
 
     def transformer(self, linear: str, compiled: bool = True) -> CausalWanTransformer:
         """The preset's transformer with fixed random weights in `linear` format, compiled if asked and `compiled`."""
