@@ -50,6 +50,8 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
                    help="KV-cache storage: dense (compute dtype, default), fp8 or nvfp4")
     p.add_argument("--async-decode", action=argparse.BooleanOptionalAction, default=None,
                    help="decode the VAE on a worker overlapping the DiT (default: on with a GPU)")
+    p.add_argument("--decode-device", metavar="DEVICE",
+                   help="decode the VAE on this device, e.g. cuda:1 (default: the generating device)")
     p.add_argument("--sp", type=int, default=1, metavar="N",
                    help="sequence-parallel ranks (launch with torchrun --nproc-per-node N; rank 0 writes the video)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -64,7 +66,8 @@ def _run_generate(args: argparse.Namespace) -> None:
         output=args.output, preset=args.preset, prompts=args.prompt, prompts_file=args.prompts,
         seconds=args.seconds, steps=args.steps, seed=args.seed, checkpoint=args.checkpoint,
         height=args.height, width=args.width, device=args.device, progress=not args.quiet,
-        kv_cache=args.kv_cache, linear=args.linear, async_decode=args.async_decode, lora=args.lora, sp=args.sp,
+        kv_cache=args.kv_cache, linear=args.linear, async_decode=args.async_decode, decode_device=args.decode_device,
+        lora=args.lora, sp=args.sp,
         text_encoder=args.text_encoder, vae=args.vae, offload_text_encoder=args.offload_text_encoder,
         text_cache=args.text_cache,
     )
@@ -247,6 +250,8 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="compiled elementwise block steps on CUDA (norms, modulation, RoPE, residuals), comma list "
                         "of on, off (default on)")
     e.add_argument("--no-vae", action="store_true", help="time the DiT alone (no VAE built)")
+    e.add_argument("--decode-device", metavar="DEVICE",
+                   help="decode the VAE on this device, e.g. cuda:1 (default: the DiT's device)")
     e.add_argument("--compile", nargs="?", const="max-autotune-no-cudagraphs", metavar="MODE",
                    help="torch.compile each transformer pass: max-autotune-no-cudagraphs (without MODE) or default")
     e.add_argument("--text-tokens", type=_positive_int, default=512,
@@ -269,7 +274,7 @@ def _run_bench_e2e(args: argparse.Namespace) -> None:
         linear=args.linear, kv_cache=args.kv_cache, async_decode=args.async_decode, fusion=args.fusion,
         vae=not args.no_vae, compile=args.compile, text_tokens=args.text_tokens, seed=args.seed,
         peak_tflops=args.peak_tflops, peak_tbps=args.peak_tbps, json=args.json, device=args.device,
-        progress=not args.quiet,
+        decode_device=args.decode_device, progress=not args.quiet,
     ))
     print(format_table(result))
 

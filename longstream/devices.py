@@ -19,4 +19,6 @@ def resolve_device(name: str) -> torch.device:
         raise UsageError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {name} asked for, but no CUDA GPU is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"device {name} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return device

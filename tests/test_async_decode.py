@@ -78,3 +78,35 @@ def test_caller_failure_aborts_without_hanging():
                 dec.submit(torch.tensor(i))
             raise KeyError("caller failed")
     assert len(out) <= 3
+
+
+def _gpu_decode_matches_sync(source: str, target: str) -> None:
+    """Chunks produced on `source` and decoded on `target`'s worker stream equal a synchronous decode there."""
+    weight = torch.randn(4, 4, device=target)
+
+    def decode(x):
+        return torch.einsum("bcfhw,cd->bdfhw", x.to(target), weight).cumsum(2)
+
+    chunks, got = [], []
+    with AsyncDecoder(decode, lambda y: got.append(y.cpu()), max_pending=2, device=target) as dec:
+        for _ in range(5):
+            x = torch.randn(1, 4, 2, 64, 64, device=source) * 3  # produced by the "DiT" stream
+            x = x.sin()
+            chunks.append(x.clone())
+            dec.submit(x)
+            del x  # the worker must keep what it needs
+    assert len(got) == 5
+    for g, c in zip(got, chunks):
+        torch.testing.assert_close(g, decode(c).cpu())
+
+
+@pytest.mark.gpu
+def test_decode_on_the_worker_stream_of_the_same_gpu():
+    _gpu_decode_matches_sync("cuda:0", "cuda:0")
+
+
+@pytest.mark.gpu
+def test_decode_on_a_second_gpu():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    _gpu_decode_matches_sync("cuda:0", "cuda:1")

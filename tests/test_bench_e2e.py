@@ -124,6 +124,9 @@ def test_roofline_ceiling_and_formats():
     (["--compile", "fastest"], "unknown --compile mode"),
     (["--peak-tflops", "bf16=fast"], "--peak-tflops takes FORMAT=TFLOPS"),
     (["--json", "/no/such/folder/e2e.json"], "does not exist"),
+    (["--fusion", "maybe"], "unknown --fusion value 'maybe'"),
+    (["--decode-device", "cpu", "--no-vae"], "--decode-device needs the VAE"),
+    (["--decode-device", "cuda:5"], "cuda:5 asked for"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, message, capsys):
     assert main([*TINY, *args]) == 2

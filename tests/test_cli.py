@@ -24,6 +24,14 @@ def test_generate_writes_the_requested_video(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4"]
 
 
+def test_async_decode_on_a_named_device_writes_the_same_video(tmp_path):
+    args = ["generate", "--preset", "tiny", "--prompt", "a red ball bounces", "--seconds", "1", "--quiet",
+            "--width", "32", "--height", "32"]
+    assert main([*args, "--output", str(tmp_path / "a.mp4")]) == 0
+    assert main([*args, "--output", str(tmp_path / "b.mp4"), "--async-decode", "--decode-device", "cpu"]) == 0
+    assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes()
+
+
 def test_two_shot_file(tmp_path):
     shots = tmp_path / "shots.jsonl"
     shots.write_text('{"prompt": "a red ball", "seconds": 1}\n{"prompt": "a blue square", "seconds": 1}\n')
@@ -68,6 +76,8 @@ BAD = {
     "seconds with a shot file": (lambda p: ["--prompts", str(_write(p / "s.yaml", "- {prompt: x, seconds: 1}")),
                                             "--seconds", "3"], "--seconds is for --prompt"),
     "folder as shot file": (lambda p: ["--prompts", str(p)], "is a folder"),
+    "decode device beyond the GPUs": (lambda p: ["--prompt", "x", "--decode-device", "cuda:7"], "cuda:7 asked for"),
+    "decode device with sp": (lambda p: ["--prompt", "x", "--decode-device", "cpu", "--sp", "2"], "for one process"),
 }
 
 

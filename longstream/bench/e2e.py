@@ -13,7 +13,8 @@ nvfp4 rows), with the preset's resolution (or --height/--width), chunk, window a
 same noise. `--fusion on,off` runs the elementwise steps of the transformer block and of the VAE's norms compiled
 (one kernel each, `longstream.fused`) or eagerly; it only exists on CUDA (CPU rows are eager). Compute in bf16 on a
 GPU (float32 on a CPU). The VAE has random weights and decodes with `StreamingDecoder`, 4 latent frames a call
-as in `longstream generate`, in the compute dtype (generate decodes in float32), channels-last on a GPU.
+as in `longstream generate`, in the compute dtype (generate decodes in float32), channels-last on a GPU, on
+--decode-device if given (a second GPU, as the paper decodes; the DiT's device otherwise).
 
 Per row, on a model built (and quantized, and compiled) once per linear format:
 
@@ -69,7 +70,8 @@ host) multiplies that by the layers, as the resumed code is guarded on the layer
 raised to 256 graphs per function and reaching it is an error, so that no row silently falls back to eager.
 
 JSON: the settings (device, torch, preset, height, width, tokens_per_frame, chunk_frames, window_frames,
-sink_frames, chunks, first_measured_chunk, text_tokens, seed, dtype, vae, compile, peak_tflops, peak_tbps) and
+sink_frames, chunks, first_measured_chunk, text_tokens, seed, dtype, vae, decode_device, compile, peak_tflops,
+peak_tbps) and
 `rows`, each with steps, linear, kv_cache, async_decode (null without VAE), fusion, video_fps, dit_fps, chunk_s
 (steady host time per chunk), dit_chunk_s, first_frame_s, first_chunk_s, peak_memory_gib, latent_rel_error, breakdown_ms
 {linears, attention, cache_write, vae, other, chunk, kernels, unlinked, shared_ids, top_kernels (GPU: the
@@ -144,6 +146,7 @@ class E2ERequest:
     peak_tbps: float | None = None  # None: PEAK_TBPS
     json: str | None = None
     device: str = "auto"
+    decode_device: str | None = None  # None: the DiT's device
     progress: bool = True
 
 
@@ -175,6 +178,7 @@ class _Plan:
     peak_tflops: dict[str, float]
     peak_tbps: float
     device: torch.device
+    decode_device: torch.device
     dtype: torch.dtype = field(init=False)
 
     def __post_init__(self) -> None:
@@ -259,6 +263,9 @@ def plan(req: E2ERequest) -> _Plan:
         raise UsageError(f"folder of --json {req.json} does not exist")
     peaks = parse_peaks(req.peak_tflops)
     device = resolve_device(req.device)
+    decode_device = device if req.decode_device is None else resolve_device(req.decode_device)
+    if req.decode_device is not None and not req.vae:
+        raise UsageError("--decode-device needs the VAE (drop --no-vae)")
     if req.compile is not None:
         _check_compile(req.compile, device)
     # bf16 linears and the dense cache first: their rows give the other rows' reference latents
@@ -271,7 +278,8 @@ def plan(req: E2ERequest) -> _Plan:
             for lin in linears for kv in kv_caches for s in steps for fu in fusions
             for a in (asyncs if req.vae else [None])]
     return _Plan(req, preset, height, width, latent_hw, preset.tokens_per_frame(height, width), first_full,
-                 first_measured, rows, peaks, PEAK_TBPS if req.peak_tbps is None else req.peak_tbps, device)
+                 first_measured, rows, peaks, PEAK_TBPS if req.peak_tbps is None else req.peak_tbps, device,
+                 decode_device)
 
 
 def _check_compile(mode: str, device: torch.device) -> None:
@@ -463,9 +471,10 @@ class _Bench:
         self.text = torch.randn(1, req.text_tokens, p.preset.transformer.text_dim, generator=gen).to(dev)
         self.vae = None
         if req.vae:
-            with torch.device(dev):
+            on = p.decode_device
+            with torch.device(on):
                 vae = build_vae(p.preset.vae.kind, dtype=p.dtype)
-                self.vae = accelerate(vae, channels_last=dev.type == "cuda")  # bench/vae_decode.py's fastest
+                self.vae = accelerate(vae, channels_last=on.type == "cuda")  # bench/vae_decode.py's fastest
 
     def transformer(self, linear: str, compiled: bool = True) -> CausalWanTransformer:
         """The preset's transformer with fixed random weights in `linear` format, compiled if asked and `compiled`."""
@@ -537,8 +546,9 @@ class _Bench:
         with contextlib.ExitStack() as stack:
             worker = None
             if decoder is not None and row.async_decode:
+                on = self.p.decode_device
                 worker = stack.enter_context(AsyncDecoder(decoder.decode, sink, max_pending=2,
-                                                          device=dev if dev.type == "cuda" else None))
+                                                          device=on if on.type == "cuda" else None))
             chunks = self._chunks(model, row, count)
             for _ in range(count):
                 begins.append(clock.mark())
@@ -610,7 +620,7 @@ def settings(p: _Plan) -> dict[str, Any]:
         "tokens_per_frame": p.tokens_per_frame, "chunk_frames": s.chunk_frames, "window_frames": s.window_frames,
         "sink_frames": s.sink_frames, "chunks": req.chunks, "first_measured_chunk": p.first_measured,
         "text_tokens": req.text_tokens, "seed": req.seed, "dtype": str(p.dtype).removeprefix("torch."),
-        "vae": req.vae, "compile": req.compile, "peak_tflops": p.peak_tflops, "peak_tbps": p.peak_tbps,
+        "vae": req.vae, "decode_device": str(p.decode_device) if req.vae else None, "compile": req.compile, "peak_tflops": p.peak_tflops, "peak_tbps": p.peak_tbps,
     }
 
 

@@ -44,6 +44,7 @@ class GenerateRequest:
     kv_cache: str = "dense"
     linear: str = "bf16"
     async_decode: bool | None = None  # None: on for CUDA
+    decode_device: str | None = None  # VAE device (e.g. a second GPU); None: the generating device
     lora: str | None = None
     sp: int = 1  # sequence-parallel ranks (torchrun)
     text_encoder: str | None = None  # umT5 folder (or a diffusers pipeline folder); default: see _text_encoder
@@ -163,11 +164,13 @@ class Models:
     encoder: TextEncoder
 
 
-def load_models(req: GenerateRequest, preset: Preset, device: torch.device) -> Models:
-    """Transformer (with --lora and --linear applied), VAE and text encoder of a request, in eval mode."""
+def load_models(req: GenerateRequest, preset: Preset, device: torch.device,
+                vae_device: torch.device | None = None) -> Models:
+    """Transformer (with --lora and --linear applied), VAE (on `vae_device`, default `device`) and text encoder of
+    a request, in eval mode."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     encoder = _text_encoder(req, preset, device)  # text encoder and VAE first: their checks are cheap
-    vae = _vae(req, preset, device)
+    vae = _vae(req, preset, device if vae_device is None else vae_device)
     model = _transformer(req, preset, device, dtype).eval()
     if req.lora:
         from ..model.lora import load_lora
@@ -197,6 +200,8 @@ def generate_video(req: GenerateRequest) -> Path:
     out = _output_path(req.output)
     if req.sp < 1:
         raise UsageError(f"--sp must be >= 1, got {req.sp}")
+    if req.decode_device is not None and req.sp > 1:
+        raise UsageError("--decode-device is for one process; with --sp every rank decodes on its own GPU")
     shard, writes = None, True
     if req.sp > 1:
         from ..parallel import ParallelContext
@@ -209,7 +214,8 @@ def generate_video(req: GenerateRequest) -> Path:
         device, shard, writes = ctx.device, StreamShard(ctx.sp_group, req.kv_cache), ctx.rank == 0
     else:
         device = resolve_device(req.device)
-    models = load_models(req, preset, device)
+    decode_device = device if req.decode_device is None else resolve_device(req.decode_device)
+    models = load_models(req, preset, device, decode_device)
     decoder = StreamingDecoder(models.vae, normalized=True, frames_per_call=4)
     plans = [ShotPlan(models.encoder.encode([s.prompt]), n) for s, n in zip(shots, plan.chunks_per_shot)]
     generator = StreamingGenerator(models.transformer, stream, latent_hw, kv_storage=req.kv_cache, shard=shard)
@@ -237,7 +243,7 @@ def generate_video(req: GenerateRequest) -> Path:
 
         use_async = req.async_decode if req.async_decode is not None else device.type == "cuda"
         decode = lambda latents: decoder.decode(latents.float())  # noqa: E731
-        with AsyncDecoder(decode, write, max_pending=2, device=device if use_async else None) as worker:
+        with AsyncDecoder(decode, write, max_pending=2, device=decode_device if use_async else None) as worker:
             for chunk in generator.generate(plans, generator=noise):
                 if use_async:
                     worker.submit(chunk.latents)

@@ -55,7 +55,9 @@ class AsyncDecoder:
                     continue
                 with torch.cuda.device(self._device), torch.cuda.stream(self._stream):
                     self._stream.wait_event(ready)
-                    latents = latents.to(self._device, non_blocking=True)
+                    # From another GPU, PyTorch orders the copy after the source device's current stream (the
+                    # producer's), so the source needs no record_stream.
+                    latents = latents.to(self._device)
                     frames = self._decode(latents)
                     self._sink(frames)
             except BaseException as exc:  # surfaced in the caller
@@ -77,7 +79,8 @@ class AsyncDecoder:
         if self._stream is not None and latents.is_cuda:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(latents.device))
-            latents.record_stream(self._stream)  # keep the memory until the worker's stream is done with it
+            if latents.device == self._device:
+                latents.record_stream(self._stream)  # keep the memory until the worker's stream is done with it
         elif self._stream is not None:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self._device))
