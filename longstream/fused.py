@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from typing import Callable, Iterator
 
 import torch
 
 RECOMPILE_LIMIT = 64  # graphs per compiled function
 _ENABLED = [True]
+_FAILED: set[Callable] = set()  # functions whose compilation failed: eager from then on
 
 
 @contextlib.contextmanager
@@ -37,9 +39,19 @@ def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, fullgraph=True)
 
 
+def _wants_compiled(x: torch.Tensor) -> bool:
+    return _ENABLED[0] and x.is_cuda and not torch.is_grad_enabled()
+
+
 def run(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args) -> torch.Tensor:
-    """`fn(x, *args)`, compiled when x is on CUDA, fusion is on and no gradient is being recorded."""
-    if _ENABLED[0] and x.is_cuda and not torch.is_grad_enabled():
-        with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
-            return _compiled(fn)(x, *args)
+    """`fn(x, *args)`, compiled when x is on CUDA, fusion is on and no gradient is being recorded. If compiling
+    fails (no Triton or C compiler here, say), it warns once and runs `fn` eagerly from then on."""
+    if _wants_compiled(x) and fn not in _FAILED:
+        try:
+            with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
+                return _compiled(fn)(x, *args)
+        except Exception as exc:  # noqa: BLE001  the eager twin below is the fallback (and re-raises real errors)
+            _FAILED.add(fn)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            warnings.warn(f"longstream: compiling {fn.__name__} failed ({first}); it runs eagerly", stacklevel=2)
     return fn(x, *args)

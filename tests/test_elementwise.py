@@ -1,5 +1,7 @@
 """The block's compiled elementwise steps equal their eager twins (GPU), and stay eager where they must."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -86,3 +88,21 @@ def test_eager_steps_match_float64_math():
     rotated = torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2)
     out = ew.rms_norm_rope(q, a["weight"], 1e-6, heads, a["cos"], a["sin"])
     torch.testing.assert_close(out, rotated, **close)
+
+
+def test_a_failed_compilation_falls_back_to_eager_with_one_warning(monkeypatch):
+    def broken(fn):
+        def call(*args):
+            raise RuntimeError("no C compiler\nmore detail")
+        return call
+
+    monkeypatch.setattr(fused, "_compiled", broken)
+    monkeypatch.setattr(fused, "_wants_compiled", lambda x: True)
+    monkeypatch.setattr(fused, "_FAILED", set())
+    a = _inputs("cpu", torch.float32)
+    with pytest.warns(UserWarning, match="compiling gated_residual failed \\(no C compiler\\)"):
+        out = fused.run(ew.gated_residual, a["x"], a["y"], a["gate"])
+    assert torch.equal(out, ew.gated_residual(a["x"], a["y"], a["gate"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: the function stays eager
+        fused.run(ew.gated_residual, a["x"], a["y"], a["gate"])
