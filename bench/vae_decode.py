@@ -12,7 +12,7 @@ the output's max difference from the first variant, and the top GPU kernels of t
 builds the VAE afresh from the same seed.
 
     python bench/vae_decode.py [--layers plain,fast,fused,fused-cl] [--frames-per-call 4] [--cudnn-benchmark off,on]
-        [--chunks 3] [--json out.json]
+        [--chunks 3] [--base-dim N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def build(kind: str, layers: str, dtype: torch.dtype, device: torch.device):
-    """The VAE of `kind` (seed 0) in the `layers` variant."""
-    vae = build_vae(kind, dtype=dtype, device=device, seed=0)
+def build(kind: str, layers: str, dtype: torch.dtype, device: torch.device, base_dim: int = 0):
+    """The VAE of `kind` (seed 0; `base_dim` channels if given) in the `layers` variant."""
+    width = {"base_dim": base_dim} if base_dim else {}
+    vae = build_vae(kind, dtype=dtype, device=device, seed=0, **width)
     return vae if layers == "plain" or device == "meta" else accelerate(vae, channels_last=layers == "fused-cl")
 
 
@@ -70,6 +71,7 @@ def main() -> None:
     p.add_argument("--frames-per-call", default="4")
     p.add_argument("--cudnn-benchmark", default="off,on")
     p.add_argument("--chunks", type=int, default=3, help="timed chunks per variant")
+    p.add_argument("--base-dim", type=int, default=0, help="the VAE's base channels (default: the preset's)")
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args()
     layers = a.layers.split(",")
@@ -88,7 +90,8 @@ def main() -> None:
 
     def measure(lay: str, fpc: int) -> tuple[float, torch.Tensor, StreamingDecoder]:
         """Seconds per timed chunk, the last chunk's frames, and the decoder (its video continues)."""
-        decoder = StreamingDecoder(build(preset.vae.kind, lay, dtype, dev), normalized=True, frames_per_call=fpc)
+        vae = build(preset.vae.kind, lay, dtype, dev, a.base_dim)
+        decoder = StreamingDecoder(vae, normalized=True, frames_per_call=fpc)
         decode_chunks(decoder, lat[:2])  # video start + warm-up (and cuDNN autotuning)
         sync()
         start = time.perf_counter()
@@ -97,7 +100,7 @@ def main() -> None:
         return (time.perf_counter() - start) / a.chunks, out[-1].float(), decoder
 
     with torch.no_grad():  # FLOPs of a steady chunk, counted on the meta device
-        counting = StreamingDecoder(build(preset.vae.kind, "plain", dtype, "meta"), normalized=True)
+        counting = StreamingDecoder(build(preset.vae.kind, "plain", dtype, "meta", a.base_dim), normalized=True)
         decode_chunks(counting, [z.to("meta") for z in lat[:2]])
         counter = FlopCounterMode(display=False)
         with counter:
@@ -123,7 +126,7 @@ def main() -> None:
         print(f"  {k['share']:6.1%} {k['ms']:8.1f} ms {k['calls']:5d}x  {k['name']}")
     result = dict(device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
                   date=time.strftime("%Y-%m-%d"), torch=torch.__version__, preset=a.preset,
-                  size=[preset.width, preset.height], chunk_latent_frames=frames, dtype=str(dtype),
+                  size=[preset.width, preset.height], base_dim=a.base_dim or None, chunk_latent_frames=frames, dtype=str(dtype),
                   tflop_per_chunk=flops / 1e12, tflop_per_video_frame=flops / 1e12 / (frames * preset.vae.temporal),
                   rows=rows, top_kernels_last_row=kernels,
                   peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None)

@@ -81,6 +81,16 @@ def test_vae_objective_learns_and_its_checkpoint_is_a_vae_file(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_vae_width_sets_the_new_vaes_channels_and_its_file_keeps_them(tmp_path):
+    trainer = make_trainer(vae_config(tmp_path, vae_width=8, steps=2, save_every=2))
+    trainer.run(progress=False)
+    assert trainer.model.decoder.conv_in.out_channels == 8 * 1  # base width x the last dim_mult of "tiny"
+    assert trainer.model.config.base_dim == 8
+    loaded = load_vae(run_weights(tmp_path / "vae", ("model.safetensors",)))
+    assert loaded.config.base_dim == 8
+    assert loaded.decoder.conv_in.weight.shape == trainer.model.decoder.conv_in.weight.shape
+
+
 def test_vae_resume_repeats_an_uninterrupted_run(tmp_path):
     straight = make_trainer(vae_config(tmp_path, steps=4, save_every=2, output=str(tmp_path / "a"))).run(
         progress=False)
@@ -102,6 +112,8 @@ def test_max_seconds_stops_with_a_checkpoint(tmp_path):
     (dict(crop=20), "multiple of 8"),
     (dict(objective="flow_matching"), "needs data"),
     (dict(output=""), "output"),
+    (dict(vae_width=8, init="somewhere"), "with init the VAE file sets"),
+    (dict(vae_width=8, objective="flow_matching", data="d"), "vae_width is for objective vae"),
 ])
 def test_bad_vae_settings(tmp_path, kw, message):
     with pytest.raises(LongstreamError, match=message):

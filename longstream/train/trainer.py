@@ -109,6 +109,7 @@ class TrainConfig:
     kl_weight: float = 1e-6  # vae: weight of the KL term (clip_frames counts video frames, 1 + 4k)
     object_weight: float = 0.0  # vae: extra loss weight of the object's pixels (see vae_objective.vae_loss)
     crop: int = 0  # vae: train on random crop x crop windows of the rendered frames (0: whole frames)
+    vae_width: int = 0  # vae, without init: the VAE's base channel count (0: the preset VAE's)
     max_seconds: float = 0.0  # stop (with a checkpoint) after this much training time; 0: no limit
     save_every: int = 500
     log_every: int = 10
@@ -123,7 +124,7 @@ class TrainConfig:
                            ("ema", (int, float)), ("kl_weight", (int, float)), ("max_seconds", (int, float)),
                            ("object_weight", (int, float)),
                            ("max_grad_norm", (int, float)),
-                           ("crop", int), ("sp", int)):
+                           ("crop", int), ("vae_width", int), ("sp", int)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise ConfigError(f"{name} must be a number, got {value!r}")
@@ -147,6 +148,8 @@ class TrainConfig:
         elif self.vae:
             raise ConfigError("vae (the VAE that encodes videos) is only used with videos; to start from weights "
                               "use init")
+        if self.vae_width and self.objective != "vae":
+            raise ConfigError("vae_width is for objective vae")
         if self.objective == "vae" and (self.clip_frames - 1) % 4:
             raise ConfigError(f"objective vae trains on 1 + 4k video frames: clip_frames {self.clip_frames} is not")
         for name in ("steps", "batch_size", "grad_accum", "clip_frames", "save_every", "log_every", "sp"):
@@ -551,6 +554,8 @@ class VAETrainer(Trainer):
         crop, size, factor = self.cfg.crop, self.preset.height, self.preset.vae.spatial
         if crop and (crop > size or crop % factor):
             raise ConfigError(f"crop {crop} must be a multiple of {factor} and at most the frame size {size}")
+        if self.cfg.vae_width and self.cfg.init:
+            raise ConfigError("vae_width is for a new VAE; with init the VAE file sets the architecture")
         return None
 
     def _build_model(self) -> torch.nn.Module:
@@ -561,7 +566,8 @@ class VAETrainer(Trainer):
         if self.cfg.init:  # e.g. fine-tune the decoder of a VAE whose latent statistics are already fitted
             vae = load_vae(run_weights(self.cfg.init, ("model.safetensors",)), device=self.device)
         else:
-            vae = build_vae(self.preset.vae.kind, seed=self.cfg.seed).to(self.device)
+            width = {"base_dim": self.cfg.vae_width} if self.cfg.vae_width else {}
+            vae = build_vae(self.preset.vae.kind, seed=self.cfg.seed, **width).to(self.device)
         return accelerate(vae).train()  # the CPU fast path (same math, autograd included); see vae/fast.py
 
     def _micro_batches(self, step: int) -> list[tuple[torch.Tensor, None]]:
