@@ -137,9 +137,10 @@ class WanBlock(nn.Module):
 
         h = fused.run(ew.modulated_norm, x, scale, shift, self.norm1.eps).reshape(b, f * t, d)
         a = self.attn1
-        q = fused.run(ew.rms_norm_rope, a.to_q(h), a.norm_q.weight, a.norm_q.eps, a.heads, *rope)
-        k = fused.run(ew.rms_norm_rope, a.to_k(h), a.norm_k.weight, a.norm_k.eps, a.heads, *rope)
         v = a.to_v(h).unflatten(-1, (a.heads, -1))
+        # q, k in v's dtype: under autocast the RMS norm and RoPE run in float32
+        q = fused.run(ew.rms_norm_rope, a.to_q(h), a.norm_q.weight, a.norm_q.eps, a.heads, *rope).to(v.dtype)
+        k = fused.run(ew.rms_norm_rope, a.to_k(h), a.norm_k.weight, a.norm_k.eps, a.heads, *rope).to(v.dtype)
         o = self_attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         o = a.to_out[0](o.transpose(1, 2).flatten(2).to(q.dtype)).reshape(b, f, t, d)
         x = fused.run(ew.gated_residual, x, o, gate)

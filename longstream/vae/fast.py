@@ -1,4 +1,4 @@
-"""Faster Wan VAE inference with the same math: `accelerate(vae)` swaps two layer classes in place.
+"""Faster Wan VAE inference with the same math: `accelerate(vae)` swaps layer classes in place.
 
 On CPU, measured on 2 cores (the tiny VAE decoding 128x128 video), two things took 85% of the time:
 
@@ -15,7 +15,8 @@ instead of 5.1 s on 2 cores.
 On CUDA (the Wan2.2 VAE decoding 704x1280 on an H200, bench/RESULTS.md), the convolutions run near the bf16
 peak but elementwise work took about half the time. The norm, and the SiLU that follows it in residual blocks and
 heads (folded into the norm: the owner's `nonlinearity` becomes Identity), run as one compiled kernel
-(`longstream.fused`); the causal convs pad space inside the convolution instead of copying the input padded.
+(`longstream.fused`); the causal convs pad space inside the convolution instead of copying the input padded;
+`FastDupUp3D` keeps channels-last activations channels-last.
 
 Parameters and state dict are unchanged (the new classes subclass diffusers' ones), so `accelerate` can be
 applied to any loaded VAE, once. The convolution takes cuDNN's path for non-CPU or non-float32 tensors; the
@@ -53,7 +54,8 @@ class FastRMSNorm(WanRMS_norm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.channel_first:
-            return super().forward(x)
+            y = super().forward(x)
+            return F.silu(y) if self.then_silu else y
         return fused.run(channel_rms_norm, x, self.gamma, self.bias, self.scale, self.then_silu)
 
 
@@ -82,7 +84,7 @@ class FastDupUp3D(DupUp3D):
     """DupUp3D (channel repeat, then channels to time and space) that keeps a channels-last input channels-last.
 
     diffusers' version permutes an 8-D view into NCDHW order; on a channels-last input at 704x1280 that strided
-    copy and the add of its NCDHW result to the channels-last main branch took ~16% of the decode
+    copy and the add of its NCDHW result to the channels-last main branch took ~17% of the decode
     (bench/RESULTS.md). Here the channel repeat and the permute run on the NDHWC view, so the copy writes
     channels innermost, and the result is channels-last. Contiguous inputs take diffusers' path.
     """
@@ -99,7 +101,8 @@ class FastDupUp3D(DupUp3D):
 
 
 def accelerate(vae: AutoencoderKLWan, *, channels_last: bool = False) -> AutoencoderKLWan:
-    """Swap the VAE's RMS norms and causal convs for the faster twins above (in place); returns `vae`.
+    """Swap the VAE's RMS norms, causal convs and DupUp3D for the faster twins above and fold the SiLU that
+    follows a norm into it (in place); returns `vae`.
 
     `channels_last=True` also stores the conv weights channels-last (NDHWC / NHWC), the layout cuDNN's bf16
     tensor-core convolutions run in without transposing; `StreamingDecoder` then feeds the decoder the same
