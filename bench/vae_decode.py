@@ -126,7 +126,8 @@ def main() -> None:
         print(f"  {k['share']:6.1%} {k['ms']:8.1f} ms {k['calls']:5d}x  {k['name']}")
     result = dict(device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
                   date=time.strftime("%Y-%m-%d"), torch=torch.__version__, preset=a.preset,
-                  size=[preset.width, preset.height], base_dim=a.base_dim or None, chunk_latent_frames=frames, dtype=str(dtype),
+                  size=[preset.width, preset.height], base_dim=a.base_dim or None, chunk_latent_frames=frames,
+                  dtype=str(dtype),
                   tflop_per_chunk=flops / 1e12, tflop_per_video_frame=flops / 1e12 / (frames * preset.vae.temporal),
                   rows=rows, top_kernels_last_row=kernels,
                   peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None)

@@ -620,7 +620,8 @@ def settings(p: _Plan) -> dict[str, Any]:
         "tokens_per_frame": p.tokens_per_frame, "chunk_frames": s.chunk_frames, "window_frames": s.window_frames,
         "sink_frames": s.sink_frames, "chunks": req.chunks, "first_measured_chunk": p.first_measured,
         "text_tokens": req.text_tokens, "seed": req.seed, "dtype": str(p.dtype).removeprefix("torch."),
-        "vae": req.vae, "decode_device": str(p.decode_device) if req.vae else None, "compile": req.compile, "peak_tflops": p.peak_tflops, "peak_tbps": p.peak_tbps,
+        "vae": req.vae, "decode_device": str(p.decode_device) if req.vae else None, "compile": req.compile,
+        "peak_tflops": p.peak_tflops, "peak_tbps": p.peak_tbps,
     }
 
 
