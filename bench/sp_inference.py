@@ -53,13 +53,12 @@ from longstream.bench.e2e import (
     RowConfig,
     _Bench,
     _Clock,
-    _num,
     _sync,
     _write_json,
     parse_list,
     plan,
-    render_table,
 )
+from longstream.bench.report import num, render_table
 from longstream.devices import resolve_device
 from longstream.errors import LongstreamError
 from longstream.parallel import (
@@ -245,10 +244,10 @@ def format_table(result: dict[str, Any]) -> str:
     cells = [list(COLUMNS)]
     for r in result["rows"]:
         peaks = [m for m in r["peak_memory_gib"] if m is not None]
-        cells.append([str(r["steps"]), r["kv_exchange"] or "-", f"{r['dit_fps']:.2f}", _num(r.get("speedup"), ".2f"),
-                      _num(r.get("efficiency"), ".2f"), f"{r['a2a_ms']:.1f}", f"{r['kv_codec_ms']:.1f}",
+        cells.append([str(r["steps"]), r["kv_exchange"] or "-", f"{r['dit_fps']:.2f}", num(r.get("speedup"), ".2f"),
+                      num(r.get("efficiency"), ".2f"), f"{r['a2a_ms']:.1f}", f"{r['kv_codec_ms']:.1f}",
                       f"{r['gather_ms']:.1f}", f"{r['a2a_bytes_per_chunk'] / 1e6:.2f}",
-                      f"{r['kv_bytes_per_chunk'] / 1e6:.2f}", _num(max(peaks) if peaks else None, ".2f")])
+                      f"{r['kv_bytes_per_chunk'] / 1e6:.2f}", num(max(peaks) if peaks else None, ".2f")])
     title = (f"{result['device']}  SP={result['sp']}  {result['preset']}  {result['width']}x{result['height']}  "
              f"{result['tokens_per_frame']} tokens/frame  chunk {result['chunk_frames']} / window "
              f"{result['window_frames']}  {result['linear']} linears, {result['kv_cache']} cache, {result['dtype']}; "

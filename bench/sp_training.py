@@ -40,7 +40,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from longstream.bench.e2e import _num, _sync, _write_json, parse_list, render_table
+from longstream.bench.e2e import _sync, _write_json, parse_list
+from longstream.bench.report import num, render_table
 from longstream.config import get_preset
 from longstream.errors import LongstreamError
 from longstream.model.transformer import CausalWanTransformer
@@ -144,7 +145,7 @@ def format_table(result: dict[str, Any]) -> str:
             cells.append([str(r["frames"]), r["layout"], r["gemm"], "skipped", "-", loss_tokens, r["skipped"]])
             continue
         cells.append([str(r["frames"]), r["layout"], r["gemm"], f"{r['step_s']:.3f}",
-                      _num(max(peaks) if peaks else None, ".2f"), loss_tokens, f"{r['loss']:.4f}"])
+                      num(max(peaks) if peaks else None, ".2f"), loss_tokens, f"{r['loss']:.4f}"])
     title = (f"{result['device']}  SP={result['sp']}  {result['preset']} ({result['layers']} layers)  "
              f"{result['width']}x{result['height']}  {result['tokens_per_frame']} tokens/frame  chunk "
              f"{result['chunk_frames']}  batch {result['batch']}  {result['steps']} timed steps after "

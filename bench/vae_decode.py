@@ -18,6 +18,7 @@ builds the VAE afresh from the same seed.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import time
@@ -113,7 +114,7 @@ def main() -> None:
         with torch.no_grad(), fusion(lay.startswith("fused")):
             seconds, last, decoder = measure(lay, fpc)
             if dev.type == "cuda" and (lay, fpc, bench) == (layers[-1], per_call[-1], autotune[-1]):
-                kernels = top_kernels(lambda: decoder.decode(lat[-1]), 15)
+                kernels = top_kernels(functools.partial(decoder.decode, lat[-1]), 15)
         reference = last if reference is None else reference
         rows.append(dict(layers=lay, frames_per_call=fpc, cudnn_benchmark=bench, chunk_s=seconds,
                          video_fps=video_frames / seconds, tflops=flops / seconds / 1e12,

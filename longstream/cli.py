@@ -267,7 +267,8 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_bench_e2e(args: argparse.Namespace) -> None:
-    from .bench.e2e import E2ERequest, format_table, run_e2e
+    from .bench.e2e import E2ERequest, run_e2e
+    from .bench.report import format_table
 
     result = run_e2e(E2ERequest(
         preset=args.preset, height=args.height, width=args.width, chunks=args.chunks, steps=args.steps,

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.utils import flop_counter
 
-from longstream.bench.e2e import consistent, format_table
+from longstream.bench.breakdown import consistent
+from longstream.bench.report import format_table
 from longstream.bench.roofline import PEAK_TFLOPS, ceiling, chunk_cost
 from longstream.cli import main
 from longstream.config import get_preset

@@ -90,14 +90,11 @@ import math
 import os
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
-import torch.nn as nn
-from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from ..config import Preset, StreamConfig, get_preset
@@ -106,10 +103,11 @@ from ..errors import UsageError
 from ..fused import fusion
 from ..model.transformer import CausalWanTransformer
 from ..pipeline.stream import ShotPlan, StreamingGenerator
-from ..quant.linear import MODES, QuantLinear, quantize_model
+from ..quant.linear import MODES, quantize_model
 from ..vae import StreamingDecoder, build_vae
 from ..vae.async_decode import AsyncDecoder
 from ..vae.fast import accelerate
+from .breakdown import LABEL, VAE, breakdown, label_attention, labels, top_kernels
 from .roofline import PEAK_TBPS, PEAK_TFLOPS, ChunkCost, ceiling, chunk_cost
 
 KV_CACHES = ("dense", "fp8", "nvfp4")
@@ -119,10 +117,6 @@ COMPILE_MODES = ("max-autotune-no-cudagraphs", "default")
 RECOMPILE_LIMIT = 256  # graphs per compiled function (see the module docstring)
 TOP_KERNELS = 25  # kernels listed per profiled chunk in the JSON
 
-LINEARS, ATTENTION, CACHE_WRITE, VAE = "linears", "attention", "cache_write", "vae"
-_LABELS = {f"longstream.{name}": name for name in (LINEARS, ATTENTION, CACHE_WRITE, VAE)}
-_LABEL = {name: label for label, name in _LABELS.items()}
-_LINEAR_OPS = {"aten::linear", "aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::_scaled_mm"}
 
 
 @dataclass
@@ -322,135 +316,6 @@ def _to_host(frames: torch.Tensor) -> int:
     return u8.permute(1, 2, 3, 0).contiguous().cpu().shape[0]
 
 
-def _labelled(label: str, fn: Callable) -> Callable:
-    def call(*args, **kwargs):
-        with record_function(label):
-            return fn(*args, **kwargs)
-
-    return call
-
-
-@contextlib.contextmanager
-def _labels(model: CausalWanTransformer, detail: bool) -> Iterator[None]:
-    """Label the cache-writing pass and (with `detail`) every linear for the profiler; undone on exit."""
-    saved: list[tuple[object, str, object]] = []
-    missing = object()
-
-    def patch(obj: object, name: str, fn: Callable) -> None:
-        saved.append((obj, name, vars(obj).get(name, missing)))
-        setattr(obj, name, fn)
-
-    forward_stream = model.forward_stream
-
-    def pass_(*args, **kwargs):
-        need_output = kwargs.get("need_output", args[5] if len(args) > 5 else True)
-        if need_output:
-            return forward_stream(*args, **kwargs)
-        with record_function(_LABEL[CACHE_WRITE]):
-            return forward_stream(*args, **kwargs)
-
-    patch(model, "forward_stream", pass_)
-    if detail:
-        for module in model.modules():
-            if isinstance(module, (nn.Linear, QuantLinear)):
-                patch(module, "forward", _labelled(_LABEL[LINEARS], module.forward))
-    try:
-        yield
-    finally:
-        for obj, name, old in reversed(saved):
-            if old is missing:
-                delattr(obj, name)
-            else:
-                setattr(obj, name, old)
-
-
-def _label_attention(gen: StreamingGenerator) -> None:
-    """Make `gen`'s caches label their attention calls."""
-    new_cache = gen.new_cache
-
-    def labelled_cache(batch: int):
-        cache = new_cache(batch)
-        cache.attend = _labelled(_LABEL[ATTENTION], cache.attend)
-        return cache
-
-    gen.new_cache = labelled_cache
-
-
-def _category(name: str) -> str | None:
-    if name in _LABELS:
-        return _LABELS[name]
-    if name in _LINEAR_OPS:
-        return LINEARS
-    if "scaled_dot_product" in name or "attention_forward" in name:
-        return ATTENTION
-    return None
-
-
-def _own_kernel_us(event) -> float:
-    return sum(k.duration for k in event.kernels if k.name not in _LABELS)  # GPU user-annotation spans left out
-
-
-def _kernel_us(event, seen: set[int]) -> float:
-    """Summed duration of the kernels launched inside a profiler event. torch.profiler hands the kernels of one
-    correlation id to every CPU event with that id (nested ops can share one), so each id counts once (`seen`)."""
-    own = 0.0
-    if event.id not in seen:
-        seen.add(event.id)
-        own = _own_kernel_us(event)
-    return own + sum(_kernel_us(child, seen) for child in event.cpu_children)
-
-
-def breakdown(events: Sequence, wall_s: float, on_gpu: bool) -> dict[str, float | None]:
-    """Per-category time (ms) of a profiled chunk: the outermost labelled or recognised event of each call
-    tree counts (kernel time on a GPU, wall time on a CPU); `other` is the rest of `wall_s`. On a GPU also
-    `kernels`, all kernel time, and `unlinked`, kernel time that the profiler tied to no CPU event (so no category
-    could claim it: it lands in `other`)."""
-    totals = dict.fromkeys((LINEARS, ATTENTION, CACHE_WRITE, VAE), 0.0)
-    seen: set[int] = set()
-
-    def visit(event) -> None:
-        category = _category(event.name)
-        if category is None:
-            for child in event.cpu_children:
-                visit(child)
-        else:
-            totals[category] += (_kernel_us(event, seen) if on_gpu else event.cpu_time_total) / 1000
-
-    cpu = [e for e in events if e.device_type == DeviceType.CPU]
-    for event in cpu:
-        if event.cpu_parent is None:
-            visit(event)
-    chunk = wall_s * 1000
-    kernels = unlinked = shared = None
-    if on_gpu:
-        kernels = sum(e.time_range.elapsed_us() for e in events
-                      if e.device_type != DeviceType.CPU and not e.is_user_annotation) / 1000
-        linked = {e.id: _own_kernel_us(e) for e in cpu}  # one entry per correlation id
-        unlinked = kernels - sum(linked.values()) / 1000
-        ids = Counter(e.id for e in cpu if getattr(e, "linked_correlation_id", 0) == 0)
-        shared = sum(n for n in ids.values() if n > 1)
-    return {**totals, "other": chunk - sum(totals.values()), "chunk": chunk, "kernels": kernels, "unlinked": unlinked,
-            "shared_ids": shared}
-
-
-def top_kernels(events: Sequence, count: int) -> list[dict[str, Any]]:
-    """The `count` GPU kernels (by name) with the most summed time: name (cut to 100 characters), ms, calls."""
-    totals: dict[str, list[float]] = {}
-    for e in events:
-        if e.device_type != DeviceType.CPU and not e.is_user_annotation:
-            entry = totals.setdefault(e.name[:100], [0.0, 0])
-            entry[0] += e.time_range.elapsed_us() / 1000
-            entry[1] += 1
-    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:count]
-    return [{"name": name, "ms": ms, "calls": calls} for name, (ms, calls) in ranked]
-
-
-def consistent(parts: dict[str, float | None]) -> bool:
-    """False when the kernel time tied to CPU events exceeds all kernel time by over 1% (negative `unlinked`):
-    some kernels were then counted under several events, and the GPU breakdown cannot be trusted."""
-    return parts.get("unlinked") is None or parts["unlinked"] >= -0.01 * parts["kernels"]
-
-
 # -- one configuration --------------------------------------------------------------------------------------------
 @dataclass
 class _Stream:
@@ -502,7 +367,7 @@ class _Bench:
         detail = self.p.request.compile is None
         gen = StreamingGenerator(model, self.p.stream(row.steps), self.p.latent_hw, kv_storage=row.kv_cache)
         if detail:
-            _label_attention(gen)
+            label_attention(gen)
         decoder = self._decoder()
         chunks = self._chunks(model, row, self.p.first_full + 2, gen)
         for _ in range(self.p.first_full + 1):
@@ -511,12 +376,12 @@ class _Bench:
                 _to_host(decoder.decode(latents))
         on_gpu = self.p.device.type == "cuda"
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-        with _labels(model, detail), profile(activities=activities) as prof:
+        with labels(model, detail), profile(activities=activities) as prof:
             _sync(self.p.device)
             start = time.perf_counter()
             latents = next(chunks).latents
             if decoder is not None:
-                with record_function(_LABEL[VAE]):
+                with record_function(LABEL[VAE]):
                     _to_host(decoder.decode(latents))
             _sync(self.p.device)
             wall = time.perf_counter() - start
@@ -679,63 +544,9 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-# -- output ---------------------------------------------------------------------------------------------------------
 def _describe(row: RowConfig) -> str:
     decode = "" if row.async_decode is None else f", decode {'async' if row.async_decode else 'sequential'}"
     fused = "on" if row.fusion else "off"
     return f"{row.steps} steps, {row.linear} linears, {row.kv_cache} KV{decode}, fusion {fused}"
 
 
-def _num(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def render_table(title: str, cells: list[list[str]]) -> list[str]:
-    """`title`, then `cells` (header row first) as right-aligned columns two spaces apart."""
-    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
-    return [title, *("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)]
-
-
-COLUMNS = ("steps", "linear", "kv", "fused", "async", "FPS", "DiT FPS", "TTFF s", "peak GiB", "lin ms", "attn ms",
-           "cache ms", "VAE ms", "other ms", "lat err", "ceiling")
-
-
-def format_table(result: dict[str, Any]) -> str:
-    """The rows as a text table (times per chunk in ms), then one roofline line per (steps, linear, KV cache)."""
-    r = result
-    cells = [list(COLUMNS)]
-    seen: dict[tuple, dict] = {}
-    for row in r["rows"]:
-        b, roof = row["breakdown_ms"], row["roofline"]
-        decode = "-" if row["async_decode"] is None else ("on" if row["async_decode"] else "off")
-        cells.append([
-            str(row["steps"]), row["linear"], row["kv_cache"], "on" if row.get("fusion") else "off", decode,
-            _num(row["video_fps"], ".2f"),
-            _num(row["dit_fps"], ".2f"), _num(row["first_frame_s"], ".3f"), _num(row["peak_memory_gib"], ".2f"),
-            *(_num(b[k], ".1f") for k in (LINEARS, ATTENTION, CACHE_WRITE, VAE, "other")),
-            _num(row["latent_rel_error"], ".2e"), _num(roof["ceiling_fps"], ".1f"),
-        ])
-        seen.setdefault((row["steps"], row["linear"], row["kv_cache"]), roof)
-    title = (f"{r['device']}  {r['preset']}  {r['width']}x{r['height']}  chunk {r['chunk_frames']} / window "
-             f"{r['window_frames']} / sink {r['sink_frames']} latent frames  {r['chunks']} chunks (measured from "
-             f"chunk {r['first_measured_chunk'] + 1})  {r['dtype']}  "
-             f"{'compile ' + r['compile'] if r['compile'] else 'eager'}")
-    lines = render_table(title, cells)
-    for i, row in enumerate(r["rows"], 1):
-        b = row["breakdown_ms"]
-        if not consistent(b):
-            shared = f" ({b['shared_ids']} CPU events share an id)" if b.get("shared_ids") is not None else ""
-            lines.append(f"note: row {i}'s breakdown is inconsistent: kernels tied to CPU events sum to "
-                         f"{b['kernels'] - b['unlinked']:.0f} ms, all kernels to {b['kernels']:.0f} ms{shared}; "
-                         f"its FPS and times do not depend on it")
-    lines.append(f"roofline (DiT, per video frame; peaks {', '.join(f'{k} {v:g}' for k, v in r['peak_tflops'].items())}"
-                 f" TFLOP/s, {r['peak_tbps']:g} TB/s):")
-    for (steps, linear, kv), roof in seen.items():
-        lines.append(
-            f"  {steps} steps {linear}/{kv}: {roof['flops_per_frame'] / 1e12:.4g} TFLOP (linears "
-            f"{roof['linear_flops_per_frame'] / 1e12:.4g}, attention {roof['attention_flops_per_frame'] / 1e12:.4g}), "
-            f"{roof['bytes_per_frame'] / 1e9:.4g} GB -> {roof['compute_bound_fps']:.1f} FPS compute-bound, "
-            f"{roof['memory_bound_fps']:.1f} memory-bound; ceiling {roof['ceiling_fps']:.1f} ({roof['bound']}), "
-            f"DiT at {roof['dit_fraction']:.1%} of it"
-        )
-    return "\n".join(lines)

@@ -248,7 +248,7 @@ class Trainer:
             from ..vae.fast import accelerate
 
             self.vae = accelerate(load_vae(self.cfg.vae, device=self.device)).eval().requires_grad_(False)
-            vae, want, model = self.vae.config, self.preset.vae, self.preset.transformer
+            vae, want = self.vae.config, self.preset.vae
             got = (vae.z_dim, vae.scale_factor_spatial, vae.scale_factor_temporal)
             if got != (want.z_dim, want.spatial, want.temporal) or self.preset.height != self.preset.width:
                 raise ConfigError(f"videos: world needs a square preset whose VAE the file matches: {self.cfg.vae} "
