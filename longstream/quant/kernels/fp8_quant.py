@@ -48,7 +48,7 @@ def _fp8_rowwise_kernel(x_ptr, q_ptr, scale_ptr, k, stride_x, BLOCK_K: tl.conste
     tl.store(scale_ptr + row, scale)
 
 
-def rowwise_warps(block: int) -> int:
+def _warps_for(block: int) -> int:
     """Warps for a program holding `block` elements, 32 values per thread (4 warps gave the 5B FFN's 16384-wide
     rows 128 per thread; the kernel averaged ~0.8 TB/s in a 5B chunk's profile, bench/RESULTS.md)."""
     return max(4, min(32, block // 1024))
@@ -68,5 +68,5 @@ def fp8_quantize_rowwise_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     if x2.shape[0]:
         block = triton.next_power_of_2(k)
         _fp8_rowwise_kernel[(x2.shape[0],)](x2, q, scale, k, x2.stride(0), BLOCK_K=block,
-                                            num_warps=rowwise_warps(block))
+                                            num_warps=_warps_for(block))
     return q.view(torch.float8_e4m3fn).reshape(*lead, k), scale.reshape(*lead, 1)
