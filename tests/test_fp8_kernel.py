@@ -5,11 +5,10 @@ row, an all-zero row, signed zeros and values that land in e4m3's subnormal rang
 """
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
+
+from _interpreted import run_interpreted
 
 CHECK = r'''
 import torch
@@ -33,9 +32,7 @@ def check(shape, device, seed):
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_fp8_rowwise_kernel_interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = CHECK + "print(check((2, 5, 96), 'cpu', 0)); print(check((7, 300), 'cpu', 1))"
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    result = run_interpreted(CHECK + "print(check((2, 5, 96), 'cpu', 0)); print(check((7, 300), 'cpu', 1))")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["ok", "ok"]
 

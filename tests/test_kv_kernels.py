@@ -7,12 +7,11 @@ while GPUs round to nearest even, so bf16 output is compared on a GPU (`gpu` mar
 """
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from _interpreted import run_interpreted
 
 CHECK = r'''
 import torch
@@ -45,18 +44,13 @@ def check(b, h, frames, t, d, length_frames, dtype, device, seed):
 '''
 
 
-def run_interpreted(code):
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    return subprocess.run([sys.executable, "-c", CHECK + code], env=env, capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_kv_dequant_kernel_interpreted_is_bit_exact():
-    result = run_interpreted(
+    result = run_interpreted(CHECK + (
         "print(check(2, 3, 5, 7, 32, 4, torch.float32, 'cpu', 0));"
         "print(check(1, 2, 3, 33, 64, 3, torch.float32, 'cpu', 1));"
         "print(check(1, 3, 3, 5, 48, 2, torch.float32, 'cpu', 4))"
-    )
+    ))
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["ok", "ok", "ok"]
 
@@ -97,12 +91,10 @@ def check_attention(b, h, queries, frames, t, d, length, dtype, device, seed):
 def test_fused_nvfp4_kv_attention_interpreted_equals_dequantize_then_sdpa():
     """float32 queries: equal up to the softmax's summation order. Shapes: a key tail shorter than a tile, head
     size 48 (not a power of two), queries not a multiple of the tile, a cache longer than `length`."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = ATTENTION + (
+    result = run_interpreted(ATTENTION + (
         "print(check_attention(2, 3, 70, 3, 21, 48, 63, torch.float32, 'cpu', 0) < 1e-5);"
         "print(check_attention(1, 2, 64, 4, 32, 32, 128, torch.float32, 'cpu', 1) < 1e-5)"
-    )
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    ))
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["True", "True"]
 
