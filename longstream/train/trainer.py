@@ -150,6 +150,8 @@ class TrainConfig:
                               "use init")
         if self.vae_width and self.objective != "vae":
             raise ConfigError("vae_width is for objective vae")
+        if self.vae_width and self.init:
+            raise ConfigError("vae_width is for a new VAE; with init the VAE file sets the architecture")
         if self.objective == "vae" and (self.clip_frames - 1) % 4:
             raise ConfigError(f"objective vae trains on 1 + 4k video frames: clip_frames {self.clip_frames} is not")
         for name in ("steps", "batch_size", "grad_accum", "clip_frames", "save_every", "log_every", "sp"):
@@ -554,8 +556,6 @@ class VAETrainer(Trainer):
         crop, size, factor = self.cfg.crop, self.preset.height, self.preset.vae.spatial
         if crop and (crop > size or crop % factor):
             raise ConfigError(f"crop {crop} must be a multiple of {factor} and at most the frame size {size}")
-        if self.cfg.vae_width and self.cfg.init:
-            raise ConfigError("vae_width is for a new VAE; with init the VAE file sets the architecture")
         return None
 
     def _build_model(self) -> torch.nn.Module:
