@@ -71,13 +71,12 @@ raised to 256 graphs per function and reaching it is an error, so that no row si
 
 JSON: the settings (device, torch, preset, height, width, tokens_per_frame, chunk_frames, window_frames,
 sink_frames, chunks, first_measured_chunk, text_tokens, seed, dtype, vae, decode_device, compile, peak_tflops,
-peak_tbps) and
-`rows`, each with steps, linear, kv_cache, async_decode (null without VAE), fusion, video_fps, dit_fps, chunk_s
-(steady host time per chunk), dit_chunk_s, first_frame_s, first_chunk_s, peak_memory_gib, latent_rel_error, breakdown_ms
-{linears, attention, cache_write, vae, other, chunk, kernels, unlinked, shared_ids, top_kernels (GPU: the
-TOP_KERNELS kernels with the most time in the profiled chunk)} and roofline {flops_per_frame,
-linear_flops_per_frame, attention_flops_per_frame, bytes_per_frame, compute_bound_fps, memory_bound_fps,
-ceiling_fps, bound, dit_fraction}. The file is rewritten after every row, so a stopped sweep keeps its rows.
+peak_tbps) and `rows`, each with steps, linear, kv_cache, async_decode (null without VAE), fusion, video_fps,
+dit_fps, chunk_s (steady host time per chunk), dit_chunk_s, first_frame_s, first_chunk_s, peak_memory_gib,
+latent_rel_error, breakdown_ms {linears, attention, cache_write, vae, other, chunk, kernels, unlinked, shared_ids,
+top_kernels (GPU: the TOP_KERNELS kernels with the most time in the profiled chunk)} and roofline
+{flops_per_frame, linear_flops_per_frame, attention_flops_per_frame, bytes_per_frame, compute_bound_fps,
+memory_bound_fps, ceiling_fps, bound, dit_fraction}. The file is rewritten after every row, so a stopped sweep keeps its rows.
 """
 
 from __future__ import annotations
@@ -150,7 +149,7 @@ class RowConfig:
     linear: str
     kv_cache: str
     async_decode: bool | None  # None: no VAE
-    fusion: bool = True  # compiled elementwise block steps on CUDA (longstream.model.elementwise)
+    fusion: bool = True  # compiled elementwise steps on CUDA (longstream.fused)
 
     def is_reference(self) -> bool:
         return self.linear == "bf16" and self.kv_cache == "dense" and not self.fusion
