@@ -76,7 +76,8 @@ dit_fps, chunk_s (steady host time per chunk), dit_chunk_s, first_frame_s, first
 latent_rel_error, breakdown_ms {linears, attention, cache_write, vae, other, chunk, kernels, unlinked, shared_ids,
 top_kernels (GPU: the TOP_KERNELS kernels with the most time in the profiled chunk)} and roofline
 {flops_per_frame, linear_flops_per_frame, attention_flops_per_frame, bytes_per_frame, compute_bound_fps,
-memory_bound_fps, ceiling_fps, bound, dit_fraction}. The file is rewritten after every row, so a stopped sweep keeps its rows.
+memory_bound_fps, ceiling_fps, bound, dit_fraction}. The file is rewritten after every row, so a stopped sweep
+keeps its rows.
 """
 
 from __future__ import annotations
