@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import torch
 
 RECOMPILE_LIMIT = 64  # graphs per compiled function
+COMPILED_DEVICES = ("cuda",)  # device types whose tensors take the compiled path
 _ENABLED = [True]
 _FAILED: set[Callable] = set()  # functions whose compilation failed: eager from then on
 
@@ -40,7 +41,9 @@ def _compiled(fn: Callable) -> Callable:
 
 
 def _wants_compiled(x: torch.Tensor) -> bool:
-    return _ENABLED[0] and x.is_cuda and not torch.is_grad_enabled()
+    # inside an outer torch.compile (bench e2e --compile), the eager twin is traced into the outer graph
+    return (_ENABLED[0] and x.device.type in COMPILED_DEVICES and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling())
 
 
 def run(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args) -> torch.Tensor:

@@ -133,3 +133,16 @@ def test_fused_stream_equals_eager_stream_on_cuda():
     assert fused._compiled.cache_info().hits > calls.hits  # the fused run took the compiled path
     assert ref.abs().max() > 0.1
     assert (out - ref).norm() / ref.norm() < 2e-2
+
+
+def test_inside_an_outer_compile_the_eager_twin_is_traced(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fused, "_compiled", lambda fn: calls.append(fn) or fn)
+    monkeypatch.setattr(fused, "_ENABLED", [True])
+    monkeypatch.setattr(fused, "COMPILED_DEVICES", ("cpu",))  # so that the CPU tensors below would qualify
+    a = _inputs("cpu", torch.float32)
+    outer = torch.compile(lambda x, y, g: fused.run(ew.gated_residual, x, y, g) * 2, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        out = outer(a["x"], a["y"], a["gate"])
+    assert calls == []
+    assert torch.equal(out, ew.gated_residual(a["x"], a["y"], a["gate"]) * 2)
