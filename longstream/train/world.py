@@ -67,9 +67,10 @@ def changed_scene(scene: Scene, rng: random.Random) -> Scene:
     return replace(scene, **{field: rng.choice([o for o in options if o != getattr(scene, field)])})
 
 
-def _mask(shape: str, size: int, cx: float, cy: float, r: float) -> torch.Tensor:
+def _mask(shape: str, size: int, cx: torch.Tensor, cy: torch.Tensor, r: float) -> torch.Tensor:
+    """[F, size, size] pixels covered by the shape centred at (cx[f], cy[f]) (float32 tensors of shape [F])."""
     y, x = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
-    dx, dy = x - cx, y - cy
+    dx, dy = x - cx[:, None, None], y - cy[:, None, None]
     if shape == "circle":
         return dx * dx + dy * dy <= r * r
     if shape == "square":
@@ -106,11 +107,12 @@ class ObjectTrack:
         self.y = min(max(self.y + dy * self.speed, lo), hi)
 
 
-def render_frame(scene: Scene, track: ObjectTrack, size: int) -> torch.Tensor:
-    frame = torch.tensor(BACKGROUNDS[scene.background]).view(3, 1, 1).expand(3, size, size).clone()
-    mask = _mask(scene.shape, size, track.x, track.y, track.r)
-    frame[:, mask] = torch.tensor(COLOURS[scene.colour]).view(3, 1)
-    return frame * 2 - 1
+def render_shot(scene: Scene, xs: list[float], ys: list[float], r: float, size: int) -> torch.Tensor:
+    """Frames [3, F, size, size] in [-1, 1] of one scene with the object centred at (xs[f], ys[f])."""
+    mask = _mask(scene.shape, size, torch.tensor(xs), torch.tensor(ys), r)
+    background = torch.tensor(BACKGROUNDS[scene.background]).view(3, 1, 1, 1)
+    colour = torch.tensor(COLOURS[scene.colour]).view(3, 1, 1, 1)
+    return torch.where(mask, colour, background) * 2 - 1
 
 
 def render_clip(
@@ -119,14 +121,17 @@ def render_clip(
     """Video [3, F, size, size] in [-1, 1] and its shots as (prompt, start_frame, end_frame)."""
     rng = random.Random(seed)
     track = ObjectTrack(size, rng, scenes[0].motion)
-    frames, shots, start = [], [], 0
+    videos, shots, start = [], [], 0
     for scene, n in zip(scenes, frames_per_shot):
+        xs, ys = [], []
         for _ in range(n):
-            frames.append(render_frame(scene, track, size))
+            xs.append(track.x)
+            ys.append(track.y)
             track.step(scene.motion)
+        videos.append(render_shot(scene, xs, ys, track.r, size))
         shots.append((scene.prompt, start, start + n))
         start += n
-    return torch.stack(frames, dim=1), shots
+    return torch.cat(videos, dim=1), shots
 
 
 def sample_clip(seed: int, frames: int, size: int = 128, shots: int = 1):
