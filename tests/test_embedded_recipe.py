@@ -14,7 +14,6 @@ from longstream.train.world import parse_prompt
 from longstream.vae import build_vae, normalize
 from longstream.vae.checkpoints import load_vae, save_vae
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -274,3 +273,50 @@ def test_shipped_vae_streams_long_clips_without_drift():
                 encode_whole(vae, video, normalized=True))
         worst = max(worst, float((frames - video).abs().mean(dim=(0, 1, 3, 4)).max()))
     assert worst < 0.15, worst
+
+
+@pytest.mark.parametrize("warm", [0, 1, 3])
+def test_stream_warmup_trains_the_frames_after_it_as_diffusers_computes_them(warm):
+    """encode_moments / decode_unclamped with `warm` leading latent frames equal diffusers' whole-clip encode and
+    decode on the frames after them (the warm-up frames reach no weight), and vae_loss covers only those frames."""
+    from longstream.train.vae_objective import (
+        decode_unclamped,
+        encode_moments,
+        first_video_frame,
+        object_mask,
+        vae_loss,
+    )
+
+    vae = build_vae("test-wan2.1", seed=5)
+    video = world_videos(4, 0, 0, 2, 21, 32)  # 6 latent frames
+    with torch.no_grad():
+        ref = vae.encode(video).latent_dist
+        moments = encode_moments(vae, video, warm)
+        assert torch.allclose(moments, ref.parameters, atol=1e-5)
+        z = torch.randn_like(ref.mean) * 0.3
+        frames = decode_unclamped(vae, z, warm)
+        first = first_video_frame(warm)
+        assert frames.shape[2] == 21 - first
+        assert torch.allclose(frames.clamp(-1, 1), vae.decode(z).sample[:, :, first:], atol=1e-5)
+    if warm:  # the warm-up latents reach no encoder weight
+        encode_moments(vae, video, warm)[:, :, :warm].sum().backward()
+        assert all(p.grad is None or not p.grad.any() for p in vae.encoder.parameters())
+        vae.zero_grad(set_to_none=True)
+    loss = vae_loss(vae, video, kl_weight=1e-3, object_weight=9.0, warm=warm)
+    loss.backward()
+    loss = loss.detach()
+    grads = [p.grad for p in vae.decoder.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    with torch.no_grad():  # the loss by hand on the kept frames, from diffusers' whole-clip decode
+        e = (decode_unclamped(vae, ref.mean)[:, :, first:] - video[:, :, first:]).double()
+        w = 1.0 + 9.0 * (object_mask(video[:, :, first:])).double().expand_as(e)
+        kl = 0.5 * (ref.mean.pow(2) + ref.var - 1.0 - ref.logvar)[:, :, warm:].mean().double()
+        expected = ((e.abs() + e * e) * w).sum() / w.sum() + 1e-3 * kl
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_stream_warmup_must_leave_a_frame_to_train(tmp_path):
+    with pytest.raises(LongstreamError, match="leaves no latent frame"):
+        vae_config(tmp_path, clip_frames=9, stream_warmup=3)
+    with pytest.raises(LongstreamError, match="objective vae"):
+        TrainConfig(objective="flow_matching", output=str(tmp_path), data="x", stream_warmup=1)

@@ -110,6 +110,7 @@ class TrainConfig:
     object_weight: float = 0.0  # vae: extra loss weight of the object's pixels (see vae_objective.vae_loss)
     crop: int = 0  # vae: train on random crop x crop windows of the rendered frames (0: whole frames)
     vae_width: int = 0  # vae, without init: the VAE's base channel count (0: the preset VAE's)
+    stream_warmup: int = 0  # vae: up to this many leading latent frames run without gradient (vae_objective.py)
     max_seconds: float = 0.0  # stop (with a checkpoint) after this much training time; 0: no limit
     save_every: int = 500
     log_every: int = 10
@@ -124,7 +125,7 @@ class TrainConfig:
                            ("ema", (int, float)), ("kl_weight", (int, float)), ("max_seconds", (int, float)),
                            ("object_weight", (int, float)),
                            ("max_grad_norm", (int, float)),
-                           ("crop", int), ("vae_width", int), ("sp", int)):
+                           ("crop", int), ("vae_width", int), ("stream_warmup", int), ("sp", int)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise ConfigError(f"{name} must be a number, got {value!r}")
@@ -154,6 +155,11 @@ class TrainConfig:
             raise ConfigError("vae_width is for a new VAE; with init the VAE file sets the architecture")
         if self.objective == "vae" and (self.clip_frames - 1) % 4:
             raise ConfigError(f"objective vae trains on 1 + 4k video frames: clip_frames {self.clip_frames} is not")
+        if self.stream_warmup and self.objective != "vae":
+            raise ConfigError("stream_warmup is for objective vae")
+        if self.stream_warmup > (self.clip_frames - 1) // 4:
+            raise ConfigError(f"stream_warmup {self.stream_warmup} leaves no latent frame of the clip to train "
+                              f"(clip_frames {self.clip_frames} = {(self.clip_frames - 1) // 4 + 1} latent frames)")
         for name in ("steps", "batch_size", "grad_accum", "clip_frames", "save_every", "log_every", "sp"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -568,6 +574,8 @@ class VAETrainer(Trainer):
         else:
             width = {"base_dim": self.cfg.vae_width} if self.cfg.vae_width else {}
             vae = build_vae(self.preset.vae.kind, seed=self.cfg.seed, **width).to(self.device)
+        if vae.config.patch_size:
+            raise ConfigError("objective vae trains VAEs without patchified frames (Wan2.1 layout), not this one")
         return accelerate(vae).train()  # the CPU fast path (same math, autograd included); see vae/fast.py
 
     def _micro_batches(self, step: int) -> list[tuple[torch.Tensor, None]]:
@@ -580,7 +588,9 @@ class VAETrainer(Trainer):
     def loss(self, video: torch.Tensor, text: None, generator: torch.Generator) -> torch.Tensor:
         from .vae_objective import vae_loss
 
-        return vae_loss(self.model, video, kl_weight=self.cfg.kl_weight, object_weight=self.cfg.object_weight)
+        warm = int(torch.randint(self.cfg.stream_warmup + 1, (), generator=generator))
+        return vae_loss(self.model, video, kl_weight=self.cfg.kl_weight, object_weight=self.cfg.object_weight,
+                        warm=warm)
 
     def _save_model(self, model: torch.nn.Module, path: Path) -> None:
         from ..vae.checkpoints import save_vae

@@ -8,6 +8,12 @@ autoencoder whose latent scale the KL term keeps bounded. (Decoding posterior sa
 trained unstably at small scale; generation only ever decodes the mean's model-space image.) Frames may be
 random crops of the rendered ones: the VAE is convolutional, and crops keep the object scale at a lower cost.
 
+A clip's first latent frames may stream through the encoder and the decoder without gradient and outside the
+loss (`warm`, drawn per step from 0..`stream_warmup`): the frames trained then sit that deep in the stream,
+past the clip start, where the causal convolutions' cached state is what long streaming decode runs in. (A VAE
+trained only on clip starts drifts at depth: measured on a 33-frame-trained one, frames decode with 3x the
+error after latent frame ~10 on a still scene, both halves to blame.)
+
 The object covers ~4% of a frame, so a plain mean lets the background dominate and the object decodes as a grey
 blob: `object_weight` w weighs each pixel of the object (further than `OBJECT_THRESHOLD` from its frame's median
 colour, summed over RGB) 1 + w times, and the reconstruction term becomes sum(weight * error) / sum(weight).
@@ -20,7 +26,9 @@ import random
 import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from ..vae.wan import TEMPORAL_FACTOR
 from .video_source import clip_seed
 from .world import sample_clip
 
@@ -43,15 +51,43 @@ def world_videos(seed: int, step: int, micro: int, batch: int, frames: int, size
     return torch.stack(clips)
 
 
-def decode_unclamped(vae: AutoencoderKLWan, z: torch.Tensor) -> torch.Tensor:
+def _causal_cache(module: torch.nn.Module) -> list:
+    return [None] * sum(isinstance(m, WanCausalConv3d) for m in module.modules())
+
+
+def encode_moments(vae: AutoencoderKLWan, video: torch.Tensor, warm: int = 0) -> torch.Tensor:
+    """`vae.encode(video)`'s posterior parameters (quant_conv output), the first `warm` latent frames computed
+    without gradient (the first video frame alone, then groups of 4, as diffusers encodes)."""
+    cache, out = _causal_cache(vae.encoder), []
+    groups = [video[:, :, :1]] + list(video[:, :, 1:].split(TEMPORAL_FACTOR, dim=2))
+    for i, group in enumerate(groups):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and i >= warm):
+            out.append(vae.encoder(group, feat_cache=cache, feat_idx=[0]))
+    return vae.quant_conv(torch.cat(out, dim=2))  # a 1x1x1 convolution: per frame
+
+
+def decode_unclamped(vae: AutoencoderKLWan, z: torch.Tensor, warm: int = 0) -> torch.Tensor:
     """`vae.decode(z).sample` without its final clamp to [-1, 1], which would zero the gradient of every pixel
-    that overshoots; the first latent frame is decoded alone (a clip start), the rest in one decoder call."""
+    that overshoots, for latent frames `warm` on (the video frames from `first_video_frame(warm)`): the first
+    latent frame is decoded alone (a clip start), the first `warm` without gradient, the rest in one call."""
     x = vae.post_quant_conv(z)
-    cache: list = [None] * sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
-    out = [vae.decoder(x[:, :, :1], feat_cache=cache, feat_idx=[0], first_chunk=True)]
-    if x.shape[2] > 1:
-        out.append(vae.decoder(x[:, :, 1:], feat_cache=cache, feat_idx=[0], first_chunk=False))
+    cache, out = _causal_cache(vae.decoder), []
+    parts = [x[:, :, :1], x[:, :, 1:warm], x[:, :, max(warm, 1):]]
+    for i, part in enumerate(parts):
+        first = i == 0
+        if part.shape[2] == 0:
+            continue
+        trained = (first and warm == 0) or i == 2
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trained):
+            frames = vae.decoder(part, feat_cache=cache, feat_idx=[0], first_chunk=first)
+        if trained:
+            out.append(frames)
     return torch.cat(out, dim=2)
+
+
+def first_video_frame(latent_frame: int) -> int:
+    """The first video frame that latent frame `latent_frame` decodes to (frame 0 alone, then 4 each)."""
+    return 0 if latent_frame == 0 else TEMPORAL_FACTOR * latent_frame - TEMPORAL_FACTOR + 1
 
 
 def object_mask(video: torch.Tensor) -> torch.Tensor:
@@ -60,11 +96,13 @@ def object_mask(video: torch.Tensor) -> torch.Tensor:
     return (video - background).abs().sum(1, keepdim=True) > OBJECT_THRESHOLD
 
 
-def vae_loss(vae: AutoencoderKLWan, video: torch.Tensor, *, kl_weight: float, object_weight: float = 0.0
-             ) -> torch.Tensor:
-    posterior = vae.encode(video).latent_dist
-    recon = decode_unclamped(vae, posterior.mean)
-    kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
+def vae_loss(vae: AutoencoderKLWan, video: torch.Tensor, *, kl_weight: float, object_weight: float = 0.0,
+             warm: int = 0) -> torch.Tensor:
+    """Reconstruction (object-weighted with `object_weight`) + `kl_weight` * KL of latent frames `warm` on."""
+    posterior = DiagonalGaussianDistribution(encode_moments(vae, video, warm))
+    recon = decode_unclamped(vae, posterior.mean, warm)
+    video = video[:, :, first_video_frame(warm):]
+    kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar)[:, :, warm:].mean()
     error = (recon - video).abs() + (recon - video).pow(2)
     if object_weight:
         weight = 1.0 + object_weight * object_mask(video).to(error.dtype)
