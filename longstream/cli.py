@@ -247,8 +247,8 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--async-decode", default="on",
                    help="VAE decode on a worker overlapping the DiT, comma list of on, off (default on)")
     e.add_argument("--fusion", default="on",
-                   help="compiled elementwise block steps on CUDA (norms, modulation, RoPE, residuals), comma list "
-                        "of on, off (default on)")
+                   help="compiled elementwise block steps on CUDA (norms, modulation, RoPE, residuals) and one "
+                        "q/k/v projection, comma list of on, off (default on)")
     e.add_argument("--no-vae", action="store_true", help="time the DiT alone (no VAE built)")
     e.add_argument("--decode-device", metavar="DEVICE",
                    help="decode the VAE on this device, e.g. cuda:1 (default: the DiT's device)")

@@ -261,3 +261,23 @@ def test_load_errors_are_one_line_and_name_the_file(tiny, tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(QuantFileError, match="good.safetensors: quantized layer 'blocks.0.attn1.to_q' is not"):
         load_quantized(nn.Sequential(nn.Linear(16, 16)), good)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "fp8"])
+def test_concatenated_layers_equal_the_layers_side_by_side(mode):
+    torch.manual_seed(11)
+    layers = [QuantLinear.from_linear(nn.Linear(64, n), mode) for n in (32, 48, 32)]
+    joint = QuantLinear.concatenated(layers)
+    x = torch.randn(5, 64) * 3
+    with torch.no_grad():
+        expected = torch.cat([m(x) for m in layers], dim=-1)
+        got = joint(x)
+    assert joint.out_features == 112 and torch.allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_nvfp4_and_mixed_layers_are_not_concatenated():
+    torch.manual_seed(12)
+    with pytest.raises(QuantError, match="global scale"):
+        QuantLinear.concatenated([QuantLinear.from_linear(nn.Linear(32, 16), "nvfp4") for _ in range(2)])
+    with pytest.raises(QuantError, match="one mode"):
+        QuantLinear.concatenated([QuantLinear.from_linear(nn.Linear(32, 16), m) for m in ("fp8", "bf16")])

@@ -191,3 +191,32 @@ def test_causal_forward_without_token_mask_equals_the_masked_forward():
         want = model(x, t, text, causal=True, frame_mask=mask,
                      self_attention=lambda i, q, k, v, token_mask: attention(q, k, v, token_mask))
     assert (got - want).abs().max() < 1e-10 * want.abs().max()
+
+
+def test_fused_qkv_projection_gives_the_same_outputs():
+    """fuse_qkv: against diffusers' model with plain linears, and against the unfused model with FP8 linears
+    (rowwise weights concatenate exactly); NVFP4 and LoRA-wrapped layers stay unfused; fusing twice is a no-op."""
+    import copy
+
+    from longstream.model.fuse_qkv import fuse_qkv
+    from longstream.model.lora import LoRAConfig, inject_lora
+    from longstream.quant import quantize_model
+
+    cfg = dict(heads=2, head_dim=16, layers=3, cin=4, cout=4, text_dim=16, ffn=64, latent=(3, 4, 6))  # 16 | dim
+    ref_model = random_diffusers(**{k: v for k, v in cfg.items() if k != "latent"})
+    model = CausalWanTransformer.from_diffusers(ref_model).eval()
+    x, t, text = torch.randn(1, cfg["cin"], *cfg["latent"]), torch.rand(1) * 1000, torch.randn(1, 6, cfg["text_dim"])
+    fp8_model = quantize_model(copy.deepcopy(model), "fp8")
+    assert fp8_model.blocks[0].attn1.to_q.mode == "fp8"
+    with torch.no_grad():
+        expected, fp8_expected = ref_model(x, t, text).sample, fp8_model(x, t, text, causal=False)
+        assert fuse_qkv(model) == cfg["layers"] and fuse_qkv(model) == 0
+        assert not hasattr(model.blocks[0].attn1, "to_q")
+        assert rel(model(x, t, text, causal=False), expected) < 1e-5
+        assert fuse_qkv(fp8_model) == cfg["layers"]
+        assert rel(fp8_model(x, t, text, causal=False), fp8_expected) < 1e-6
+    nvfp4_model = quantize_model(CausalWanTransformer.from_diffusers(ref_model), "nvfp4")
+    assert fuse_qkv(nvfp4_model) == 0
+    lora_model = CausalWanTransformer.from_diffusers(ref_model)
+    inject_lora(lora_model, LoRAConfig(rank=2, targets=("blocks.0.attn1.to_q",)))
+    assert fuse_qkv(lora_model) == cfg["layers"] - 1

@@ -11,7 +11,8 @@ holds every finished row. Weights are random and seeded (the same weights in eve
 nvfp4 rows), with the preset's resolution (or --height/--width), chunk, window and sink; one prompt of
 --text-tokens random embedding tokens (512, umT5's padded length) and one noise seed, so every row denoises the
 same noise. `--fusion on,off` runs the elementwise steps of the transformer block and of the VAE's norms compiled
-(one kernel each, `longstream.fused`) or eagerly; it only exists on CUDA (CPU rows are eager). Compute in bf16 on a
+(one kernel each, `longstream.fused`) or eagerly, and self-attention's q, k, v as one projection
+(`longstream.model.fuse_qkv`: one activation quantize, one GEMM) or three; it only exists on CUDA (CPU rows are eager). Compute in bf16 on a
 GPU (float32 on a CPU). The VAE has random weights and decodes with `StreamingDecoder`, 4 latent frames a call
 as in `longstream generate`, in the compute dtype (generate decodes in float32), channels-last on a GPU, on
 --decode-device if given (a second GPU, as the paper decodes; the DiT's device otherwise).
@@ -101,6 +102,7 @@ from ..config import Preset, StreamConfig, get_preset
 from ..devices import resolve_device
 from ..errors import UsageError
 from ..fused import fusion
+from ..model.fuse_qkv import fuse_qkv
 from ..model.transformer import CausalWanTransformer
 from ..pipeline.stream import ShotPlan, StreamingGenerator
 from ..quant.linear import MODES, quantize_model
@@ -150,7 +152,7 @@ class RowConfig:
     linear: str
     kv_cache: str
     async_decode: bool | None  # None: no VAE
-    fusion: bool = True  # compiled elementwise steps on CUDA (longstream.fused)
+    fusion: bool = True  # compiled elementwise steps on CUDA (longstream.fused) and one q/k/v projection
 
     def is_reference(self) -> bool:
         return self.linear == "bf16" and self.kv_cache == "dense" and not self.fusion
@@ -268,8 +270,8 @@ def plan(req: E2ERequest) -> _Plan:
     if device.type != "cuda":
         fusions = [False]  # the compiled block steps are a CUDA path
     fusions.sort()  # unfused rows first: the eager bf16 one is the reference
-    rows = [RowConfig(s, lin, kv, a if req.vae else None, fu)
-            for lin in linears for kv in kv_caches for s in steps for fu in fusions
+    rows = [RowConfig(s, lin, kv, a if req.vae else None, fu)  # one model per (linears, fusion), in order
+            for lin in linears for fu in fusions for kv in kv_caches for s in steps
             for a in (asyncs if req.vae else [None])]
     return _Plan(req, preset, height, width, latent_hw, preset.tokens_per_frame(height, width), first_full,
                  first_measured, rows, peaks, PEAK_TBPS if req.peak_tbps is None else req.peak_tbps, device,
@@ -341,14 +343,17 @@ class _Bench:
                 vae = build_vae(p.preset.vae.kind, dtype=p.dtype)
                 self.vae = accelerate(vae, channels_last=on.type == "cuda")  # bench/vae_decode.py's fastest
 
-    def transformer(self, linear: str, compiled: bool = True) -> CausalWanTransformer:
-        """The preset's transformer with fixed random weights in `linear` format, compiled if asked and `compiled`."""
+    def transformer(self, linear: str, compiled: bool = True, qkv: bool = False) -> CausalWanTransformer:
+        """The preset's transformer with fixed random weights in `linear` format, q/k/v fused with `qkv`, compiled
+        if asked and `compiled`."""
         torch.manual_seed(0)
         with torch.device(self.p.device):
             model = CausalWanTransformer(self.p.preset.transformer)
         model = model.to(self.p.dtype).eval()
         if linear != "bf16":
             quantize_model(model, linear)
+        if qkv:
+            fuse_qkv(model)
         if compiled and self.p.request.compile:
             torch.compiler.reset()  # drop the graphs of the previous model
             model.forward_stream = torch.compile(model.forward_stream, mode=self.p.request.compile)
@@ -520,12 +525,12 @@ def _run_rows(p: _Plan) -> dict[str, Any]:
     if not eager_refs:  # no row is the eager reference: generate it first
         model = bench.transformer("bf16", compiled=False)
         refs = {s: bench.reference(model, s) for s in sorted({r.steps for r in p.rows})}
-    model, linear = None, None
+    model, built = None, None
     for i, row in enumerate(p.rows):
-        if row.linear != linear:
+        if (row.linear, row.fusion) != built:
             model = None
             _release(p.device)
-            model, linear = bench.transformer(row.linear), row.linear
+            model, built = bench.transformer(row.linear, qkv=row.fusion), (row.linear, row.fusion)
         out, latents = bench.row(model, row, refs.get(row.steps))
         if eager_refs and row.is_reference():
             refs.setdefault(row.steps, latents)

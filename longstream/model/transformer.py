@@ -89,6 +89,7 @@ class WanAttention(nn.Module):
         self.to_q = nn.Linear(dim, dim)
         self.to_k = nn.Linear(dim, dim)
         self.to_v = nn.Linear(dim, dim)
+        self.to_qkv: nn.Module | None = None  # set by fuse_qkv (self-attention, inference) in place of the three
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
@@ -137,10 +138,11 @@ class WanBlock(nn.Module):
 
         h = fused.run(ew.modulated_norm, x, scale, shift, self.norm1.eps).reshape(b, f * t, d)
         a = self.attn1
-        v = a.to_v(h).unflatten(-1, (a.heads, -1))
+        q, k, v = a.to_qkv(h).chunk(3, dim=-1) if a.to_qkv is not None else (a.to_q(h), a.to_k(h), a.to_v(h))
+        v = v.unflatten(-1, (a.heads, -1))
         # q, k in v's dtype: under autocast the RMS norm and RoPE run in float32
-        q = fused.run(ew.rms_norm_rope, a.to_q(h), a.norm_q.weight, a.norm_q.eps, a.heads, *rope).to(v.dtype)
-        k = fused.run(ew.rms_norm_rope, a.to_k(h), a.norm_k.weight, a.norm_k.eps, a.heads, *rope).to(v.dtype)
+        q = fused.run(ew.rms_norm_rope, q, a.norm_q.weight, a.norm_q.eps, a.heads, *rope).to(v.dtype)
+        k = fused.run(ew.rms_norm_rope, k, a.norm_k.weight, a.norm_k.eps, a.heads, *rope).to(v.dtype)
         o = self_attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         o = a.to_out[0](o.transpose(1, 2).flatten(2).to(q.dtype)).reshape(b, f, t, d)
         x = fused.run(ew.gated_residual, x, o, gate)

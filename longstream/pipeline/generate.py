@@ -17,6 +17,7 @@ from diffusers import AutoencoderKLWan
 from ..config import Preset, get_preset
 from ..devices import resolve_device
 from ..errors import UsageError
+from ..model.fuse_qkv import fuse_qkv
 from ..model.transformer import CausalWanTransformer
 from ..text.encoders import HashTextEncoder, TextEncoder
 from ..vae import StreamingDecoder, build_vae
@@ -180,6 +181,7 @@ def load_models(req: GenerateRequest, preset: Preset, device: torch.device,
         from ..quant import quantize_model
 
         quantize_model(model, req.linear)
+    fuse_qkv(model)  # one q/k/v projection where the layers allow it (not under a LoRA, not nvfp4)
     return Models(model, vae, encoder)
 
 

@@ -163,6 +163,29 @@ class QuantLinear(nn.Module):
             layer.bias = linear.bias
         return layer
 
+    @classmethod
+    def concatenated(cls, layers: Sequence["QuantLinear"]) -> "QuantLinear":
+        """One layer whose output is the given layers' outputs side by side (weights and biases concatenated
+        along N), for layers reading the same input: one activation quantize and one GEMM instead of several.
+        Exact for bf16 and fp8 (rowwise: one scale per output row); refused for nvfp4, whose per-tensor global
+        scales differ between the layers."""
+        first = layers[0]
+        if any(m.mode != first.mode or m.in_features != first.in_features or (m.bias is None) != (first.bias is None)
+               or m.backend != first.backend for m in layers):
+            raise QuantError("concatenated layers need one mode, backend, input size and bias setting")
+        if first.mode == "nvfp4":
+            raise QuantError("nvfp4 layers cannot be concatenated: each has its own global scale")
+        out = cls(first.in_features, sum(m.out_features for m in layers), first.mode, first.bias is not None,
+                  backend=first.backend, device="meta")  # placeholders, replaced below
+        if first.mode == "bf16":
+            out.weight = nn.Parameter(torch.cat([m.weight.detach() for m in layers]), requires_grad=False)
+        else:
+            out.qdata = torch.cat([m.qdata for m in layers])
+            out.scale = torch.cat([m.scale for m in layers])
+        if first.bias is not None:
+            out.bias = nn.Parameter(torch.cat([m.bias.detach() for m in layers]), requires_grad=False)
+        return out
+
     # -- weights ---------------------------------------------------------------------------------------------
     def weight_nvfp4(self) -> NVFP4Tensor:
         """The stored NVFP4 weight as an NVFP4Tensor (nvfp4 mode only)."""

@@ -1,0 +1,51 @@
+"""One projection for a self-attention's q, k and v (inference).
+
+`to_q`, `to_k` and `to_v` of a block's self-attention read the same normed input. `fuse_qkv` replaces them by
+one layer `to_qkv` with the three weights concatenated along the output dimension: one GEMM of N = 3D instead of
+three of N = D, and, for quantized linears, one activation quantize instead of three. The outputs are the same
+numbers (bf16 and fp8 rowwise weights concatenate exactly; the GEMM may sum in another order). Layers that cannot
+be concatenated are left alone: NVFP4 (per-tensor global scales) and LoRA-wrapped layers. Parameter names
+change, so fuse after loading weights and adapters, and save the unfused model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..quant.linear import QuantLinear
+
+
+def _concatenated(layers: list[nn.Module]) -> nn.Module | None:
+    if all(type(m) is nn.Linear for m in layers):
+        first = layers[0]
+        out = nn.Linear(first.in_features, sum(m.out_features for m in layers), bias=first.bias is not None,
+                        device="meta")
+        with torch.no_grad():
+            out.weight = nn.Parameter(torch.cat([m.weight for m in layers]), requires_grad=False)
+            if first.bias is not None:
+                out.bias = nn.Parameter(torch.cat([m.bias for m in layers]), requires_grad=False)
+        return out
+    if all(isinstance(m, QuantLinear) for m in layers) and layers[0].mode != "nvfp4":
+        return QuantLinear.concatenated(layers)
+    return None
+
+
+def fuse_qkv(model: nn.Module) -> int:
+    """Fuse q, k and v of every block's self-attention (`blocks[i].attn1`) where the layers allow it (see the
+    module docstring); in place, inference only (the fused weights do not train). Returns the blocks fused."""
+    fused = 0
+    for block in model.blocks:
+        attn = block.attn1
+        if attn.to_qkv is not None:
+            continue
+        layers = [attn.to_q, attn.to_k, attn.to_v]
+        if any(m.in_features != layers[0].in_features for m in layers):
+            continue
+        qkv = _concatenated(layers)
+        if qkv is None:
+            continue
+        del attn.to_q, attn.to_k, attn.to_v
+        attn.to_qkv = qkv
+        fused += 1
+    return fused
