@@ -1,7 +1,8 @@
 """The rowwise FP8 quantize kernel against its reference twin (`fp8.quantize_rowwise`).
 
-Bit for bit, under Triton's interpreter (CPU, child process) and on a GPU. Inputs cover several magnitudes per
-row, an all-zero row, signed zeros and values that land in e4m3's subnormal range.
+Bit for bit, under Triton's interpreter (CPU, child process: the kernel's integer e4m3 rounding) and on a GPU (its
+hardware conversion). Inputs cover several magnitudes per row, an all-zero row, signed zeros and values that land
+in e4m3's subnormal range.
 """
 
 import importlib.util
