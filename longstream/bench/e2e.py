@@ -12,8 +12,8 @@ nvfp4 rows), with the preset's resolution (or --height/--width), chunk, window a
 --text-tokens random embedding tokens (512, umT5's padded length) and one noise seed, so every row denoises the
 same noise. `--fusion on,off` runs the elementwise steps of the transformer block and of the VAE's norms compiled
 (one kernel each, `longstream.fused`) or eagerly, and self-attention's q, k, v as one projection
-(`longstream.model.fuse_qkv`: one activation quantize, one GEMM) or three; it only exists on CUDA (CPU rows are eager). Compute in bf16 on a
-GPU (float32 on a CPU). The VAE has random weights and decodes with `StreamingDecoder`, 4 latent frames a call
+(`longstream.model.fuse_qkv`: one activation quantize, one GEMM) or three; it only exists on CUDA (CPU rows are
+eager). Compute in bf16 on a GPU (float32 on a CPU). The VAE has random weights and decodes with `StreamingDecoder`, 4 latent frames a call
 as in `longstream generate`, in the compute dtype (generate decodes in float32), channels-last on a GPU, on
 --decode-device if given (a second GPU, as the paper decodes; the DiT's device otherwise).
 

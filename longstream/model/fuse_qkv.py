@@ -39,10 +39,7 @@ def fuse_qkv(model: nn.Module) -> int:
         attn = block.attn1
         if attn.to_qkv is not None:
             continue
-        layers = [attn.to_q, attn.to_k, attn.to_v]
-        if any(m.in_features != layers[0].in_features for m in layers):
-            continue
-        qkv = _concatenated(layers)
+        qkv = _concatenated([attn.to_q, attn.to_k, attn.to_v])
         if qkv is None:
             continue
         del attn.to_q, attn.to_k, attn.to_v
