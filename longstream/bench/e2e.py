@@ -13,11 +13,12 @@ nvfp4 rows), with the preset's resolution (or --height/--width), chunk, window a
 same noise. `--fusion on,off` runs the elementwise steps of the transformer block and of the VAE's norms compiled
 (one kernel each, `longstream.fused`) or eagerly, and self-attention's q, k, v as one projection
 (`longstream.model.fuse_qkv`: one activation quantize, one GEMM) or three; it only exists on CUDA (CPU rows are
-eager). Compute in bf16 on a GPU (float32 on a CPU). The VAE has random weights and decodes with `StreamingDecoder`, 4 latent frames a call
-as in `longstream generate`, in the compute dtype (generate decodes in float32), channels-last on a GPU, on
---decode-device if given (a second GPU, as the paper decodes; the DiT's device otherwise).
+eager). Compute in bf16 on a GPU (float32 on a CPU). The VAE has random weights and decodes with
+`StreamingDecoder`, 4 latent frames a call as in `longstream generate`, in the compute dtype (generate decodes in
+float32), channels-last on a GPU, on --decode-device if given (a second GPU, as the paper decodes; the DiT's device
+otherwise).
 
-Per row, on a model built (and quantized, and compiled) once per linear format:
+Per row, on a model built (and quantized, q/k/v-fused, compiled) once per linear format and fusion setting:
 
 1. Profiled pass, which is also the warm-up (Triton JIT, cuDNN plans, torch.compile): chunks up to one past the
    first chunk at a full KV window, decoded in sequence; the last chunk runs under torch.profiler between two
