@@ -247,8 +247,11 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--async-decode", default="on",
                    help="VAE decode on a worker overlapping the DiT, comma list of on, off (default on)")
     e.add_argument("--fusion", default="on",
-                   help="compiled elementwise block steps on CUDA (norms, modulation, RoPE, residuals) and one "
-                        "q/k/v projection, comma list of on, off (default on)")
+                   help="compiled elementwise block steps on CUDA (norms, modulation, RoPE, residuals), comma list "
+                        "of on, off (default on)")
+    e.add_argument("--fuse-qkv", default="on",
+                   help="self-attention's q, k, v from one projection (one GEMM and activation quantize), comma list "
+                        "of on, off (default on)")
     e.add_argument("--no-vae", action="store_true", help="time the DiT alone (no VAE built)")
     e.add_argument("--decode-device", metavar="DEVICE",
                    help="decode the VAE on this device, e.g. cuda:1 (default: the DiT's device)")
@@ -273,6 +276,7 @@ def _run_bench_e2e(args: argparse.Namespace) -> None:
     result = run_e2e(E2ERequest(
         preset=args.preset, height=args.height, width=args.width, chunks=args.chunks, steps=args.steps,
         linear=args.linear, kv_cache=args.kv_cache, async_decode=args.async_decode, fusion=args.fusion,
+        fuse_qkv=args.fuse_qkv,
         vae=not args.no_vae, compile=args.compile, text_tokens=args.text_tokens, seed=args.seed,
         peak_tflops=args.peak_tflops, peak_tbps=args.peak_tbps, json=args.json, device=args.device,
         decode_device=args.decode_device, progress=not args.quiet,

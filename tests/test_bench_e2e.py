@@ -16,11 +16,11 @@ from longstream.model.transformer import CausalWanTransformer
 from longstream.pipeline.stream import ShotPlan, StreamingGenerator
 
 TINY = ["bench", "e2e", "--preset", "tiny", "--height", "64", "--width", "64", "--chunks", "5", "--device", "cpu",
-        "--quiet"]
+        "--fuse-qkv", "off", "--quiet"]
 SETTINGS = {"device", "torch", "preset", "height", "width", "tokens_per_frame", "chunk_frames", "window_frames",
             "sink_frames", "chunks", "first_measured_chunk", "text_tokens", "seed", "dtype", "vae", "compile",
             "peak_tflops", "peak_tbps", "rows"}
-ROW = {"steps", "linear", "kv_cache", "async_decode", "video_fps", "dit_fps", "chunk_s", "dit_chunk_s",
+ROW = {"steps", "linear", "kv_cache", "async_decode", "fusion", "fuse_qkv", "video_fps", "dit_fps", "chunk_s", "dit_chunk_s",
        "first_frame_s", "first_chunk_s", "peak_memory_gib", "latent_rel_error", "breakdown_ms", "roofline"}
 BREAKDOWN = {"linears", "attention", "cache_write", "vae", "other", "chunk", "kernels", "unlinked", "shared_ids"}
 ROOFLINE = {"flops_per_frame", "linear_flops_per_frame", "attention_flops_per_frame", "bytes_per_frame",
@@ -62,6 +62,18 @@ def test_dit_only_sweep_without_a_reference_row(tmp_path, capsys):
     assert "n/a" in capsys.readouterr().out
     (row,) = json.loads(out.read_text())["rows"]
     assert row["steps"] == 2 and 0 < row["latent_rel_error"] < 1
+
+
+def test_fused_qkv_rows_follow_the_unfused_reference(tmp_path):
+    """A model per q/k/v setting, the unfused one first (it is the reference); the fused rows' latents equal it up
+    to float32 GEMM summation order (bf16) and the fp8 rounding (fp8)."""
+    out = tmp_path / "e2e.json"
+    assert main([*TINY, "--no-vae", "--linear", "bf16,fp8", "--fuse-qkv", "on,off", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["linear"], r["fuse_qkv"]) for r in rows] == [("bf16", False), ("bf16", True), ("fp8", False),
+                                                            ("fp8", True)]
+    errors = [r["latent_rel_error"] for r in rows]
+    assert errors[0] == 0 and errors[1] < 1e-5 and 0 < errors[2] < 0.1 and errors[3] == pytest.approx(errors[2])
 
 
 def test_dit_only_rows_leave_video_columns_empty(tmp_path):
@@ -126,6 +138,7 @@ def test_roofline_ceiling_and_formats():
     (["--peak-tflops", "bf16=fast"], "--peak-tflops takes FORMAT=TFLOPS"),
     (["--json", "/no/such/folder/e2e.json"], "does not exist"),
     (["--fusion", "maybe"], "unknown --fusion value 'maybe'"),
+    (["--fuse-qkv", "yes"], "unknown --fuse-qkv value 'yes'"),
     (["--decode-device", "cpu", "--no-vae"], "--decode-device needs the VAE"),
     (["--decode-device", "cuda:5"], "cuda:5 asked for"),
 ])

@@ -275,17 +275,17 @@ def test_shipped_vae_streams_long_clips_without_drift():
     assert worst < 0.15, worst
 
 
-@pytest.mark.parametrize("warm", [0, 1, 3])
+@pytest.mark.parametrize("warm", [0, 1, 2, 3, 5])
 def test_stream_warmup_trains_the_frames_after_it_as_diffusers_computes_them(warm):
     """encode_moments / decode_unclamped with `warm` leading latent frames equal diffusers' whole-clip encode and
     decode on the frames after them (the warm-up frames reach no weight), and vae_loss covers only those frames."""
     from longstream.train.vae_objective import (
         decode_unclamped,
         encode_moments,
-        first_video_frame,
         object_mask,
         vae_loss,
     )
+    from longstream.vae.wan import num_video_frames
 
     vae = build_vae("test-wan2.1", seed=5)
     video = world_videos(4, 0, 0, 2, 21, 32)  # 6 latent frames
@@ -295,7 +295,7 @@ def test_stream_warmup_trains_the_frames_after_it_as_diffusers_computes_them(war
         assert torch.allclose(moments, ref.parameters, atol=1e-5)
         z = torch.randn_like(ref.mean) * 0.3
         frames = decode_unclamped(vae, z, warm)
-        first = first_video_frame(warm)
+        first = num_video_frames(warm)
         assert frames.shape[2] == 21 - first
         assert torch.allclose(frames.clamp(-1, 1), vae.decode(z).sample[:, :, first:], atol=1e-5)
     if warm:  # the warm-up latents reach no encoder weight
@@ -316,6 +316,10 @@ def test_stream_warmup_trains_the_frames_after_it_as_diffusers_computes_them(war
 
 
 def test_stream_warmup_must_leave_a_frame_to_train(tmp_path):
+    from longstream.train.vae_objective import vae_loss
+
+    with pytest.raises(ValueError, match="leaves no latent frame"):
+        vae_loss(build_vae("test-wan2.1", seed=1), world_videos(1, 0, 0, 1, 9, 32), kl_weight=0.0, warm=3)
     with pytest.raises(LongstreamError, match="leaves no latent frame"):
         vae_config(tmp_path, clip_frames=9, stream_warmup=3)
     with pytest.raises(LongstreamError, match="objective vae"):

@@ -193,11 +193,13 @@ def test_causal_forward_without_token_mask_equals_the_masked_forward():
     assert (got - want).abs().max() < 1e-10 * want.abs().max()
 
 
-def test_fused_qkv_projection_gives_the_same_outputs():
+def test_fused_qkv_projection_gives_the_same_outputs(tmp_path):
     """fuse_qkv: against diffusers' model with plain linears, and against the unfused model with FP8 linears
-    (rowwise weights concatenate exactly); NVFP4 and LoRA-wrapped layers stay unfused; fusing twice is a no-op."""
+    (rowwise weights concatenate exactly); NVFP4 and LoRA-wrapped layers stay unfused; fusing twice is a no-op; a
+    fused model is not saved."""
     import copy
 
+    from longstream.model.checkpoints import CheckpointError, save_transformer
     from longstream.model.fuse_qkv import fuse_qkv
     from longstream.model.lora import LoRAConfig, inject_lora
     from longstream.quant import quantize_model
@@ -217,6 +219,9 @@ def test_fused_qkv_projection_gives_the_same_outputs():
         assert rel(fp8_model(x, t, text, causal=False), fp8_expected) < 1e-6
     nvfp4_model = quantize_model(CausalWanTransformer.from_diffusers(ref_model), "nvfp4")
     assert fuse_qkv(nvfp4_model) == 0
+    with pytest.raises(CheckpointError, match="fused q/k/v"):
+        save_transformer(model, tmp_path / "fused.safetensors")
+    assert not (tmp_path / "fused.safetensors").exists()
     lora_model = CausalWanTransformer.from_diffusers(ref_model)
     inject_lora(lora_model, LoRAConfig(rank=2, targets=("blocks.0.attn1.to_q",)))
     assert fuse_qkv(lora_model) == cfg["layers"] - 1

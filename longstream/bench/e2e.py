@@ -11,14 +11,14 @@ holds every finished row. Weights are random and seeded (the same weights in eve
 nvfp4 rows), with the preset's resolution (or --height/--width), chunk, window and sink; one prompt of
 --text-tokens random embedding tokens (512, umT5's padded length) and one noise seed, so every row denoises the
 same noise. `--fusion on,off` runs the elementwise steps of the transformer block and of the VAE's norms compiled
-(one kernel each, `longstream.fused`) or eagerly, and self-attention's q, k, v as one projection
-(`longstream.model.fuse_qkv`: one activation quantize, one GEMM) or three; it only exists on CUDA (CPU rows are
-eager). Compute in bf16 on a GPU (float32 on a CPU). The VAE has random weights and decodes with
-`StreamingDecoder`, 4 latent frames a call as in `longstream generate`, in the compute dtype (generate decodes in
-float32), channels-last on a GPU, on --decode-device if given (a second GPU, as the paper decodes; the DiT's device
-otherwise).
+(one kernel each, `longstream.fused`) or eagerly; it only exists on CUDA (CPU rows are eager). `--fuse-qkv on,off`
+computes self-attention's q, k, v with one projection (`longstream.model.fuse_qkv`: one GEMM, one activation
+quantize) or three (nvfp4 linears stay unfused). Compute in bf16 on a GPU (float32 on a CPU). The VAE has random
+weights and decodes with `StreamingDecoder`, 4 latent frames a call as in `longstream generate`, in the compute
+dtype (generate decodes in float32), channels-last on a GPU, on --decode-device if given (a second GPU, as the paper
+decodes; the DiT's device otherwise).
 
-Per row, on a model built (and quantized, q/k/v-fused, compiled) once per linear format and fusion setting:
+Per row, on a model built (and quantized, q/k/v-fused, compiled) once per linear format and q/k/v setting:
 
 1. Profiled pass, which is also the warm-up (Triton JIT, cuDNN plans, torch.compile): chunks up to one past the
    first chunk at a full KV window, decoded in sequence; the last chunk runs under torch.profiler between two
@@ -54,32 +54,32 @@ Per row, on a model built (and quantized, q/k/v-fused, compiled) once per linear
      the host; `first_chunk_s`: DiT time of the first chunk;
    - `peak_memory_gib`: `torch.cuda.max_memory_allocated` over the timed pass, weights included (null on a CPU);
    - `latent_rel_error`: ||z - z_ref|| / ||z_ref|| over every chunk's latents, z_ref from eager bf16 linears with a
-     dense KV cache and no fusion, the same steps, weights, prompt and noise (0 for that row itself; streamed
-     untimed first when no row is that one).
+     dense KV cache, no fusion and three q/k/v projections, the same steps, weights, prompt and noise (0 for that
+     row itself; streamed untimed first when no row is that one).
    With --no-vae the VAE is not built: video_fps, first_frame_s and the vae breakdown are null.
 3. Roofline (`longstream.bench.roofline`): FLOPs and bytes per video frame from the config, and the DiT's FPS
    ceiling for --peak-tflops / --peak-tbps.
 
---compile [MODE] wraps `CausalWanTransformer.forward_stream` (one transformer pass over a chunk, run steps + 1
-times per chunk) in torch.compile. The default mode, max-autotune-no-cudagraphs, fuses the elementwise work around
-the GEMMs and autotunes the GEMMs; `default` compiles faster without autotuning. CUDA graphs (reduce-overhead) are
-not offered: every pass writes the KV cache in place and the visible cache length grows until the window is full,
-and cudagraph trees reuse output buffers that the generator hands on as a chunk's latents. Each model (one per
-linear format) is compiled afresh, during the profiled passes; it gets a graph per pass kind (denoising or
-cache-writing), cache length (the first chunk's, a dynamic one for the growing cache, the full window's) and KV
+--compile [MODE] wraps `CausalWanTransformer.forward_stream` (one transformer pass over a chunk, run steps + 1 times
+per chunk) in torch.compile. The default mode, max-autotune-no-cudagraphs, fuses the elementwise work around the
+GEMMs and autotunes the GEMMs; `default` compiles faster without autotuning. CUDA graphs (reduce-overhead) are not
+offered: every pass writes the KV cache in place and the visible cache length grows until the window is full, and
+cudagraph trees reuse output buffers that the generator hands on as a chunk's latents. Each model (one per linear
+format and q/k/v setting) is compiled afresh, during the profiled passes; it gets a graph per pass kind (denoising
+or cache-writing), cache length (the first chunk's, a dynamic one for the growing cache, the full window's) and KV
 format: about 6 per KV format. A graph break inside a block (the CPU fp8 reference linears check for NaN on the
 host) multiplies that by the layers, as the resumed code is guarded on the layer index. The recompile limit is
 raised to 256 graphs per function and reaching it is an error, so that no row silently falls back to eager.
 
 JSON: the settings (device, torch, preset, height, width, tokens_per_frame, chunk_frames, window_frames,
 sink_frames, chunks, first_measured_chunk, text_tokens, seed, dtype, vae, decode_device, compile, peak_tflops,
-peak_tbps) and `rows`, each with steps, linear, kv_cache, async_decode (null without VAE), fusion, video_fps,
-dit_fps, chunk_s (steady host time per chunk), dit_chunk_s, first_frame_s, first_chunk_s, peak_memory_gib,
-latent_rel_error, breakdown_ms {linears, attention, cache_write, vae, other, chunk, kernels, unlinked, shared_ids,
-top_kernels (GPU: the TOP_KERNELS kernels with the most time in the profiled chunk)} and roofline
-{flops_per_frame, linear_flops_per_frame, attention_flops_per_frame, bytes_per_frame, compute_bound_fps,
-memory_bound_fps, ceiling_fps, bound, dit_fraction}. The file is rewritten after every row, so a stopped sweep
-keeps its rows.
+peak_tbps) and `rows`, each with steps, linear, kv_cache, async_decode (null without VAE), fusion, fuse_qkv,
+video_fps, dit_fps, chunk_s (steady host time per chunk), dit_chunk_s, first_frame_s, first_chunk_s,
+peak_memory_gib, latent_rel_error, breakdown_ms {linears, attention, cache_write, vae, other, chunk, kernels,
+unlinked, shared_ids, top_kernels (GPU: the TOP_KERNELS kernels with the most time in the profiled chunk)} and
+roofline {flops_per_frame, linear_flops_per_frame, attention_flops_per_frame, bytes_per_frame, compute_bound_fps,
+memory_bound_fps, ceiling_fps, bound, dit_fraction}. The file is rewritten after every row, so a stopped sweep keeps
+its rows.
 """
 
 from __future__ import annotations
@@ -114,8 +114,7 @@ from .breakdown import LABEL, VAE, breakdown, label_attention, labels, top_kerne
 from .roofline import PEAK_TBPS, PEAK_TFLOPS, ChunkCost, ceiling, chunk_cost
 
 KV_CACHES = ("dense", "fp8", "nvfp4")
-ASYNC_DECODE = {"on": True, "off": False}
-FUSION = {"on": True, "off": False}
+ON_OFF = {"on": True, "off": False}
 COMPILE_MODES = ("max-autotune-no-cudagraphs", "default")
 RECOMPILE_LIMIT = 256  # graphs per compiled function (see the module docstring)
 TOP_KERNELS = 25  # kernels listed per profiled chunk in the JSON
@@ -135,6 +134,7 @@ class E2ERequest:
     kv_cache: str = "dense"
     async_decode: str = "on"
     fusion: str = "on"
+    fuse_qkv: str = "on"
     vae: bool = True
     compile: str | None = None
     text_tokens: int = 512
@@ -153,10 +153,11 @@ class RowConfig:
     linear: str
     kv_cache: str
     async_decode: bool | None  # None: no VAE
-    fusion: bool = True  # compiled elementwise steps on CUDA (longstream.fused) and one q/k/v projection
+    fusion: bool = True  # compiled elementwise steps on CUDA (longstream.fused)
+    fuse_qkv: bool = True  # one self-attention q/k/v projection (longstream.model.fuse_qkv)
 
     def is_reference(self) -> bool:
-        return self.linear == "bf16" and self.kv_cache == "dense" and not self.fusion
+        return self.linear == "bf16" and self.kv_cache == "dense" and not self.fusion and not self.fuse_qkv
 
 
 @dataclass
@@ -238,8 +239,9 @@ def plan(req: E2ERequest) -> _Plan:
     steps = parse_steps(req.steps) if req.steps is not None else [preset.stream.steps]
     linears = parse_list(req.linear, "--linear", MODES)
     kv_caches = parse_list(req.kv_cache, "--kv-cache", KV_CACHES)
-    asyncs = [ASYNC_DECODE[a] for a in parse_list(req.async_decode, "--async-decode", list(ASYNC_DECODE))]
-    fusions = [FUSION[f] for f in parse_list(req.fusion, "--fusion", list(FUSION))]
+    asyncs = [ON_OFF[a] for a in parse_list(req.async_decode, "--async-decode", list(ON_OFF))]
+    fusions = [ON_OFF[f] for f in parse_list(req.fusion, "--fusion", list(ON_OFF))]
+    qkvs = sorted(ON_OFF[f] for f in parse_list(req.fuse_qkv, "--fuse-qkv", list(ON_OFF)))
     if "nvfp4" in kv_caches and preset.transformer.attention_head_dim % 16:
         raise UsageError(f"--kv-cache nvfp4 needs a head dimension divisible by 16; preset {preset.name} has "
                          f"{preset.transformer.attention_head_dim}")
@@ -271,8 +273,8 @@ def plan(req: E2ERequest) -> _Plan:
     if device.type != "cuda":
         fusions = [False]  # the compiled block steps are a CUDA path
     fusions.sort()  # unfused rows first: the eager bf16 one is the reference
-    rows = [RowConfig(s, lin, kv, a if req.vae else None, fu)  # one model per (linears, fusion), in order
-            for lin in linears for fu in fusions for kv in kv_caches for s in steps
+    rows = [RowConfig(s, lin, kv, a if req.vae else None, fu, qkv)  # one model per (linears, q/k/v), in order
+            for lin in linears for qkv in qkvs for fu in fusions for kv in kv_caches for s in steps
             for a in (asyncs if req.vae else [None])]
     return _Plan(req, preset, height, width, latent_hw, preset.tokens_per_frame(height, width), first_full,
                  first_measured, rows, peaks, PEAK_TBPS if req.peak_tbps is None else req.peak_tbps, device,
@@ -476,7 +478,7 @@ class _Bench:
 
     def reference(self, model: CausalWanTransformer, steps: int) -> list[torch.Tensor]:
         """Latents of the eager bf16 / dense-cache stream (DiT only, untimed)."""
-        row = RowConfig(steps, "bf16", "dense", None, fusion=False)
+        row = RowConfig(steps, "bf16", "dense", None, fusion=False, fuse_qkv=False)
         with fusion(False):
             return [chunk.latents.float().cpu() for chunk in self._chunks(model, row, self.p.request.chunks)]
 
@@ -528,10 +530,10 @@ def _run_rows(p: _Plan) -> dict[str, Any]:
         refs = {s: bench.reference(model, s) for s in sorted({r.steps for r in p.rows})}
     model, built = None, None
     for i, row in enumerate(p.rows):
-        if (row.linear, row.fusion) != built:
+        if (row.linear, row.fuse_qkv) != built:
             model = None
             _release(p.device)
-            model, built = bench.transformer(row.linear, qkv=row.fusion), (row.linear, row.fusion)
+            model, built = bench.transformer(row.linear, qkv=row.fuse_qkv), (row.linear, row.fuse_qkv)
         out, latents = bench.row(model, row, refs.get(row.steps))
         if eager_refs and row.is_reference():
             refs.setdefault(row.steps, latents)
@@ -552,7 +554,7 @@ def _release(device: torch.device) -> None:
 
 def _describe(row: RowConfig) -> str:
     decode = "" if row.async_decode is None else f", decode {'async' if row.async_decode else 'sequential'}"
-    fused = "on" if row.fusion else "off"
-    return f"{row.steps} steps, {row.linear} linears, {row.kv_cache} KV{decode}, fusion {fused}"
+    fused, qkv = ("on" if on else "off" for on in (row.fusion, row.fuse_qkv))
+    return f"{row.steps} steps, {row.linear} linears, {row.kv_cache} KV{decode}, fusion {fused}, fused q/k/v {qkv}"
 
 

@@ -17,8 +17,8 @@ def render_table(title: str, cells: list[list[str]]) -> list[str]:
     return [title, *("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)]
 
 
-COLUMNS = ("steps", "linear", "kv", "fused", "async", "FPS", "DiT FPS", "TTFF s", "peak GiB", "lin ms", "attn ms",
-           "cache ms", "VAE ms", "other ms", "lat err", "ceiling")
+COLUMNS = ("steps", "linear", "kv", "fused", "qkv", "async", "FPS", "DiT FPS", "TTFF s", "peak GiB", "lin ms",
+           "attn ms", "cache ms", "VAE ms", "other ms", "lat err", "ceiling")
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -29,8 +29,9 @@ def format_table(result: dict[str, Any]) -> str:
     for row in r["rows"]:
         b, roof = row["breakdown_ms"], row["roofline"]
         decode = "-" if row["async_decode"] is None else ("on" if row["async_decode"] else "off")
+        switches = ("on" if row.get(k) else "off" for k in ("fusion", "fuse_qkv"))
         cells.append([
-            str(row["steps"]), row["linear"], row["kv_cache"], "on" if row.get("fusion") else "off", decode,
+            str(row["steps"]), row["linear"], row["kv_cache"], *switches, decode,
             num(row["video_fps"], ".2f"),
             num(row["dit_fps"], ".2f"), num(row["first_frame_s"], ".3f"), num(row["peak_memory_gib"], ".2f"),
             *(num(b[k], ".1f") for k in (LINEARS, ATTENTION, CACHE_WRITE, VAE, "other")),

@@ -18,6 +18,7 @@ import torch
 from ..config import ConfigError, TransformerConfig
 from ..errors import LongstreamError
 from ..safetensors_io import load, save_atomic
+from .fuse_qkv import has_fused_qkv
 from .transformer import CausalWanTransformer, config_dict
 
 FORMAT = "transformer/1"
@@ -29,6 +30,9 @@ class CheckpointError(LongstreamError):
 
 def save_transformer(model: CausalWanTransformer, path: str | Path, extra_metadata: dict | None = None) -> None:
     """Write atomically: a temporary file beside the target, then rename."""
+    if has_fused_qkv(model):
+        raise CheckpointError("cannot save a model with fused q/k/v projections (fuse_qkv is for inference); save "
+                              "it before fusing")
     metadata = {"longstream_format": FORMAT, "config": json.dumps(config_dict(model.config))}
     metadata.update(extra_metadata or {})
     save_atomic(model.state_dict(), path, metadata)

@@ -4,8 +4,8 @@
 one layer `to_qkv` with the three weights concatenated along the output dimension: one GEMM of N = 3D instead of
 three of N = D, and, for quantized linears, one activation quantize instead of three. The outputs are the same
 numbers (bf16 and fp8 rowwise weights concatenate exactly; the GEMM may sum in another order). Layers that cannot
-be concatenated are left alone: NVFP4 (per-tensor global scales) and LoRA-wrapped layers. Parameter names
-change, so fuse after loading weights and adapters, and save the unfused model.
+be concatenated are left alone: NVFP4 (per-tensor global scales), mixed formats and LoRA-wrapped layers.
+Parameter names change, so fuse after loading weights and adapters; `save_transformer` refuses a fused model.
 """
 
 from __future__ import annotations
@@ -26,9 +26,15 @@ def _concatenated(layers: list[nn.Module]) -> nn.Module | None:
             if first.bias is not None:
                 out.bias = nn.Parameter(torch.cat([m.bias for m in layers]), requires_grad=False)
         return out
-    if all(isinstance(m, QuantLinear) for m in layers) and layers[0].mode != "nvfp4":
-        return QuantLinear.concatenated(layers)
-    return None
+    if not all(isinstance(m, QuantLinear) for m in layers):
+        return None
+    if layers[0].mode == "nvfp4" or any((m.mode, m.backend) != (layers[0].mode, layers[0].backend) for m in layers):
+        return None
+    return QuantLinear.concatenated(layers)
+
+
+def has_fused_qkv(model: nn.Module) -> bool:
+    return any(getattr(m, "to_qkv", None) is not None for m in model.modules())
 
 
 def fuse_qkv(model: nn.Module) -> int:

@@ -89,7 +89,7 @@ class WanAttention(nn.Module):
         self.to_q = nn.Linear(dim, dim)
         self.to_k = nn.Linear(dim, dim)
         self.to_v = nn.Linear(dim, dim)
-        self.to_qkv: nn.Module | None = None  # set by fuse_qkv (self-attention, inference) in place of the three
+        self.to_qkv: nn.Module | None = None  # fuse_qkv sets it on attn1 (inference) in place of the three
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)

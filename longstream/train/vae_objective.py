@@ -28,7 +28,7 @@ from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from ..vae.wan import TEMPORAL_FACTOR
+from ..vae.wan import TEMPORAL_FACTOR, num_latent_frames, num_video_frames
 from .video_source import clip_seed
 from .world import sample_clip
 
@@ -56,8 +56,9 @@ def _causal_cache(module: torch.nn.Module) -> list:
 
 
 def encode_moments(vae: AutoencoderKLWan, video: torch.Tensor, warm: int = 0) -> torch.Tensor:
-    """`vae.encode(video)`'s posterior parameters (quant_conv output), the first `warm` latent frames computed
-    without gradient (the first video frame alone, then groups of 4, as diffusers encodes)."""
+    """`vae.encode(video)`'s posterior parameters (quant_conv output) for a clip of 1 + 4k frames, the first `warm`
+    latent frames computed without gradient (the first video frame alone, then groups of 4, as diffusers encodes
+    without tiling)."""
     cache, out = _causal_cache(vae.encoder), []
     groups = [video[:, :, :1]] + list(video[:, :, 1:].split(TEMPORAL_FACTOR, dim=2))
     for i, group in enumerate(groups):
@@ -68,7 +69,7 @@ def encode_moments(vae: AutoencoderKLWan, video: torch.Tensor, warm: int = 0) ->
 
 def decode_unclamped(vae: AutoencoderKLWan, z: torch.Tensor, warm: int = 0) -> torch.Tensor:
     """`vae.decode(z).sample` without its final clamp to [-1, 1], which would zero the gradient of every pixel
-    that overshoots, for latent frames `warm` on (the video frames from `first_video_frame(warm)`): the first
+    that overshoots, for latent frames `warm` on (the video frames from `num_video_frames(warm)`): the first
     latent frame is decoded alone (a clip start), the first `warm` without gradient, the rest in one call."""
     x = vae.post_quant_conv(z)
     cache, out = _causal_cache(vae.decoder), []
@@ -85,11 +86,6 @@ def decode_unclamped(vae: AutoencoderKLWan, z: torch.Tensor, warm: int = 0) -> t
     return torch.cat(out, dim=2)
 
 
-def first_video_frame(latent_frame: int) -> int:
-    """The first video frame that latent frame `latent_frame` decodes to (frame 0 alone, then 4 each)."""
-    return 0 if latent_frame == 0 else TEMPORAL_FACTOR * latent_frame - TEMPORAL_FACTOR + 1
-
-
 def object_mask(video: torch.Tensor) -> torch.Tensor:
     """[B, 1, F, H, W] True where a pixel of [B, 3, F, H, W] frames is far from its frame's median colour."""
     background = video.flatten(3).median(dim=3).values[..., None, None]
@@ -99,9 +95,11 @@ def object_mask(video: torch.Tensor) -> torch.Tensor:
 def vae_loss(vae: AutoencoderKLWan, video: torch.Tensor, *, kl_weight: float, object_weight: float = 0.0,
              warm: int = 0) -> torch.Tensor:
     """Reconstruction (object-weighted with `object_weight`) + `kl_weight` * KL of latent frames `warm` on."""
+    if not 0 <= warm < num_latent_frames(video.shape[2]):
+        raise ValueError(f"warm {warm} leaves no latent frame of a {video.shape[2]}-frame clip to train")
     posterior = DiagonalGaussianDistribution(encode_moments(vae, video, warm))
     recon = decode_unclamped(vae, posterior.mean, warm)
-    video = video[:, :, first_video_frame(warm):]
+    video = video[:, :, num_video_frames(warm):]  # the frames of latents [warm, ...)
     kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar)[:, :, warm:].mean()
     error = (recon - video).abs() + (recon - video).pow(2)
     if object_weight:

@@ -73,6 +73,7 @@ def fp8_quantize_rowwise_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     scale = torch.empty(x2.shape[0], 1, dtype=torch.float32, device=x.device)
     if x2.shape[0]:
         block = triton.next_power_of_2(k)
-        _fp8_rowwise_kernel[(x2.shape[0],)](x2, q, scale, k, x2.stride(0), BLOCK_K=block,
-                                            HW_CAST=not interpreting(), num_warps=_warps_for(block))
+        hw_cast = not interpreting() and torch.cuda.get_device_capability(x.device) >= (8, 9)  # e4m3 cvt: sm_89+
+        _fp8_rowwise_kernel[(x2.shape[0],)](x2, q, scale, k, x2.stride(0), BLOCK_K=block, HW_CAST=hw_cast,
+                                            num_warps=_warps_for(block))
     return q.view(torch.float8_e4m3fn).reshape(*lead, k), scale.reshape(*lead, 1)
