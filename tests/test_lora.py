@@ -307,3 +307,32 @@ def test_float32_lora_over_bf16_base():
     y.float().sum().backward()
     assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_B.grad.abs().sum() > 0
     assert layer.merged_weight().dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("linear", ["bf16", "fp8"])
+def test_generate_folds_a_lora_into_plain_weights_only(linear):
+    """`load_models` with the shipped 2-step LoRA: with plain weights the adapter is merged (no LoRA layer left,
+    q/k/v fused) and the model computes what the wrapped one does; fp8 weights keep the adapter apart."""
+    from longstream.config import get_preset
+    from longstream.model.checkpoints import load_transformer
+    from longstream.model.fuse_qkv import has_fused_qkv
+    from longstream.model.lora import LoRALinear, load_lora
+    from longstream.pipeline.generate import GenerateRequest, load_models, with_embedded_weights
+
+    req = with_embedded_weights(GenerateRequest(output="x.mp4", prompts=["a red circle bounces on a black "
+                                                                         "background"], steps=2, linear=linear))
+    model = load_models(req, get_preset("embedded"), torch.device("cpu")).transformer
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if linear == "fp8":
+        assert wrapped and not has_fused_qkv(model)
+        return
+    assert not wrapped and has_fused_qkv(model)
+    reference = load_transformer(req.checkpoint, dtype=torch.float32).eval()
+    load_lora(reference, req.lora)
+    cfg = reference.config
+    torch.manual_seed(3)
+    x, t = torch.randn(1, cfg.in_channels, 2, 8, 8), torch.rand(1) * 1000
+    text = torch.randn(1, 5, cfg.text_dim)
+    with torch.no_grad():
+        want, got = reference(x, t, text, causal=False), model(x, t, text, causal=False)
+    assert ((got - want).norm() / want.norm()).item() < 1e-5

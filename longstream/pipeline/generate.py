@@ -174,14 +174,16 @@ def load_models(req: GenerateRequest, preset: Preset, device: torch.device,
     vae = _vae(req, preset, device if vae_device is None else vae_device)
     model = _transformer(req, preset, device, dtype).eval()
     if req.lora:
-        from ..model.lora import load_lora
+        from ..model.lora import load_lora, merge_lora
 
         load_lora(model, req.lora)
+        if req.linear == "bf16":  # fold it in: no adapter GEMMs, and q/k/v can fuse (quantized weights keep it
+            merge_lora(model)  # apart: their rounding would lose most of its small update)
     if req.linear != "bf16":
         from ..quant import quantize_model
 
         quantize_model(model, req.linear)
-    fuse_qkv(model)  # one q/k/v projection where the layers allow it (not under a LoRA, not nvfp4)
+    fuse_qkv(model)  # one q/k/v projection where the layers allow it (not under an fp8/nvfp4 LoRA, not nvfp4)
     return Models(model, vae, encoder)
 
 
