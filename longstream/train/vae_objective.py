@@ -25,9 +25,9 @@ import random
 
 import torch
 from diffusers import AutoencoderKLWan
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from ..vae.streaming import causal_conv_count
 from ..vae.wan import TEMPORAL_FACTOR, num_latent_frames, num_video_frames
 from .video_source import clip_seed
 from .world import sample_clip
@@ -51,15 +51,11 @@ def world_videos(seed: int, step: int, micro: int, batch: int, frames: int, size
     return torch.stack(clips)
 
 
-def _causal_cache(module: torch.nn.Module) -> list:
-    return [None] * sum(isinstance(m, WanCausalConv3d) for m in module.modules())
-
-
 def encode_moments(vae: AutoencoderKLWan, video: torch.Tensor, warm: int = 0) -> torch.Tensor:
     """`vae.encode(video)`'s posterior parameters (quant_conv output) for a clip of 1 + 4k frames, the first `warm`
     latent frames computed without gradient (the first video frame alone, then groups of 4, as diffusers encodes
     without tiling)."""
-    cache, out = _causal_cache(vae.encoder), []
+    cache, out = [None] * causal_conv_count(vae.encoder), []
     groups = [video[:, :, :1]] + list(video[:, :, 1:].split(TEMPORAL_FACTOR, dim=2))
     for i, group in enumerate(groups):
         with torch.set_grad_enabled(torch.is_grad_enabled() and i >= warm):
@@ -72,7 +68,7 @@ def decode_unclamped(vae: AutoencoderKLWan, z: torch.Tensor, warm: int = 0) -> t
     that overshoots, for latent frames `warm` on (the video frames from `num_video_frames(warm)`): the first
     latent frame is decoded alone (a clip start), the first `warm` without gradient, the rest in one call."""
     x = vae.post_quant_conv(z)
-    cache, out = _causal_cache(vae.decoder), []
+    cache, out = [None] * causal_conv_count(vae.decoder), []
     parts = [x[:, :, :1], x[:, :, 1:warm], x[:, :, max(warm, 1):]]
     for i, part in enumerate(parts):
         first = i == 0

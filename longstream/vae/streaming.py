@@ -17,6 +17,11 @@ from .fast import memory_format
 from .wan import check_latents, denormalize, num_video_frames, vae_param
 
 
+def causal_conv_count(module: torch.nn.Module) -> int:
+    """Slots of a Wan encoder's or decoder's feature cache: one per causal conv (``feat_cache=[None] * n``)."""
+    return sum(isinstance(m, WanCausalConv3d) for m in module.modules())
+
+
 class StreamingDecoder:
     """Decode one video chunk by chunk.
 
@@ -38,7 +43,7 @@ class StreamingDecoder:
         self.vae = vae
         self.normalized = normalized
         self.frames_per_call = frames_per_call
-        self._num_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
+        self._num_convs = causal_conv_count(vae.decoder)
         self.reset()
 
     def reset(self) -> None:
