@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quant.linear import QuantLinear
+from ..quant.linear import QuantError, QuantLinear
 
 
 def _concatenated(layers: list[nn.Module]) -> nn.Module | None:
@@ -28,9 +28,10 @@ def _concatenated(layers: list[nn.Module]) -> nn.Module | None:
         return out
     if not all(isinstance(m, QuantLinear) for m in layers):
         return None
-    if layers[0].mode == "nvfp4" or any((m.mode, m.backend) != (layers[0].mode, layers[0].backend) for m in layers):
+    try:
+        return QuantLinear.concatenated(layers)
+    except QuantError:  # nvfp4, or layers of different formats
         return None
-    return QuantLinear.concatenated(layers)
 
 
 def has_fused_qkv(model: nn.Module) -> bool:
