@@ -10,22 +10,14 @@ Parameter names change, so fuse after loading weights and adapters; `save_transf
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..quant.linear import QuantError, QuantLinear
 
 
 def _concatenated(layers: list[nn.Module]) -> nn.Module | None:
-    if all(type(m) is nn.Linear for m in layers):
-        first = layers[0]
-        out = nn.Linear(first.in_features, sum(m.out_features for m in layers), bias=first.bias is not None,
-                        device="meta")
-        with torch.no_grad():
-            out.weight = nn.Parameter(torch.cat([m.weight for m in layers]), requires_grad=False)
-            if first.bias is not None:
-                out.bias = nn.Parameter(torch.cat([m.bias for m in layers]), requires_grad=False)
-        return out
+    if all(type(m) is nn.Linear for m in layers):  # plain weights: bf16-mode layers compute the same F.linear
+        layers = [QuantLinear.from_linear(m, "bf16") for m in layers]
     if not all(isinstance(m, QuantLinear) for m in layers):
         return None
     try:
