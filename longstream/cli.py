@@ -40,6 +40,8 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-cache", metavar="DIR", help="cache umT5 prompt embeddings in this folder")
     p.add_argument("--vae", metavar="PATH", help="VAE: a diffusers vae/ or pipeline folder, or a longstream VAE "
                    "file; default: the pipeline folder's, the shipped one (embedded preset) or random weights")
+    p.add_argument("--vae-dtype", choices=("bf16", "fp32"),
+                   help="VAE decode precision (default: bf16, channels-last, on CUDA; fp32 elsewhere)")
     p.add_argument("--steps", type=int, choices=(4, 2), help="sampling steps (default: the preset's)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--height", type=int, help="video height (default: the preset's)")
@@ -69,7 +71,7 @@ def _run_generate(args: argparse.Namespace) -> None:
         kv_cache=args.kv_cache, linear=args.linear, async_decode=args.async_decode, decode_device=args.decode_device,
         lora=args.lora, sp=args.sp,
         text_encoder=args.text_encoder, vae=args.vae, offload_text_encoder=args.offload_text_encoder,
-        text_cache=args.text_cache,
+        text_cache=args.text_cache, vae_dtype=args.vae_dtype,
     )
     generate_video(request)
 

@@ -32,6 +32,19 @@ def test_async_decode_on_a_named_device_writes_the_same_video(tmp_path):
     assert (tmp_path / "a.mp4").read_bytes() == (tmp_path / "b.mp4").read_bytes()
 
 
+def test_bf16_vae_decode_stays_near_fp32(tmp_path):
+    from longstream.pipeline.video_io import read_frames
+
+    args = ["generate", "--preset", "tiny", "--prompt", "a red ball bounces", "--seconds", "1", "--quiet",
+            "--width", "64", "--height", "48"]
+    videos = {}
+    for dtype in ("fp32", "bf16"):
+        assert main([*args, "--output", str(tmp_path / f"{dtype}.mp4"), "--vae-dtype", dtype]) == 0
+        videos[dtype] = read_frames(tmp_path / f"{dtype}.mp4").astype(float)
+    gap = abs(videos["fp32"] - videos["bf16"]).mean()
+    assert 0 < gap < 8, gap  # bf16 rounding shows (a few levels of 255), nothing more
+
+
 def test_two_shot_file(tmp_path):
     shots = tmp_path / "shots.jsonl"
     shots.write_text('{"prompt": "a red ball", "seconds": 1}\n{"prompt": "a blue square", "seconds": 1}\n')

@@ -10,6 +10,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from diffusers import AutoencoderKLWan
@@ -52,6 +53,7 @@ class GenerateRequest:
     vae: str | None = None  # diffusers VAE / pipeline folder or a longstream VAE file; default: see _vae
     offload_text_encoder: bool = False
     text_cache: str | None = None  # folder of cached prompt embeddings (umT5)
+    vae_dtype: str | None = None  # "bf16" or "fp32"; None: bf16 on CUDA (channels-last), fp32 elsewhere
 
 
 def _shots(req: GenerateRequest) -> list[Shot]:
@@ -141,7 +143,10 @@ def _vae(req: GenerateRequest, preset: Preset, device: torch.device) -> Autoenco
     if vae.config.z_dim != preset.transformer.in_channels:
         raise UsageError(f"the VAE has {vae.config.z_dim} latent channels but preset {preset.name}'s transformer "
                          f"takes {preset.transformer.in_channels}")
-    return accelerate(vae)
+    cuda = device.type == "cuda"
+    if (req.vae_dtype or ("bf16" if cuda else "fp32")) == "bf16":
+        vae = vae.to(torch.bfloat16)
+    return accelerate(vae, channels_last=cuda)
 
 
 def _text_encoder(req: GenerateRequest, preset: Preset, device: torch.device) -> TextEncoder:
@@ -187,7 +192,24 @@ def load_models(req: GenerateRequest, preset: Preset, device: torch.device,
     return Models(model, vae, encoder)
 
 
-def generate_video(req: GenerateRequest) -> Path:
+@dataclass
+class Generation:
+    """A checked request with its models built: what `write_video` streams into its MP4."""
+
+    request: GenerateRequest
+    preset: Preset
+    output: Path
+    plan: ChunkPlan
+    models: Models
+    shots: list[ShotPlan]
+    generator: StreamingGenerator
+    decoder: StreamingDecoder
+    decode_device: torch.device
+    writes: bool  # False on sequence-parallel ranks other than 0
+
+
+def prepare(req: GenerateRequest, models: Models | None = None) -> Generation:
+    """Check `req` and build its models (or reuse `models`, built for the same preset, weights and formats)."""
     given, req = req, with_embedded_weights(req)
     preset = get_preset(req.preset)
     shots = _shots(req)
@@ -199,6 +221,8 @@ def generate_video(req: GenerateRequest) -> Path:
     if req.kv_cache == "nvfp4" and preset.transformer.attention_head_dim % 16:
         raise UsageError(f"--kv-cache nvfp4 needs a head dimension divisible by 16; preset {preset.name} has "
                          f"{preset.transformer.attention_head_dim}")
+    if req.vae_dtype not in (None, "bf16", "fp32"):
+        raise UsageError(f"--vae-dtype must be bf16 or fp32, got {req.vae_dtype!r}")
     stream = dataclasses.replace(preset.stream, steps=req.steps or preset.stream.steps)
     plan: ChunkPlan = plan_chunks(shots, preset.fps, stream.chunk_frames, preset.vae.temporal)
     out = _output_path(req.output)
@@ -219,22 +243,29 @@ def generate_video(req: GenerateRequest) -> Path:
     else:
         device = resolve_device(req.device)
     decode_device = device if req.decode_device is None else resolve_device(req.decode_device)
-    models = load_models(req, preset, device, decode_device)
+    models = models or load_models(req, preset, device, decode_device)
     decoder = StreamingDecoder(models.vae, normalized=True, frames_per_call=4)
     plans = [ShotPlan(models.encoder.encode([s.prompt]), n) for s, n in zip(shots, plan.chunks_per_shot)]
     generator = StreamingGenerator(models.transformer, stream, latent_hw, kv_storage=req.kv_cache, shard=shard)
-    noise = torch.Generator().manual_seed(req.seed)
-    if not writes:  # other sequence-parallel ranks: take part in every pass, write nothing
-        for _ in generator.generate(plans, generator=noise):
+    return Generation(req, preset, out, plan, models, plans, generator, decoder, decode_device, writes)
+
+
+def write_video(gen: Generation, on_frames: Callable[[int], None] | None = None) -> Path:
+    """Stream `gen`'s chunks, decode them and write the MP4 (atomically); `on_frames(n)` follows each write of n
+    frames (the benchmarks' clock)."""
+    req, noise = gen.request, torch.Generator().manual_seed(gen.request.seed)
+    if not gen.writes:  # other sequence-parallel ranks: take part in every pass, write nothing
+        for _ in gen.generator.generate(gen.shots, generator=noise):
             pass
-        return out
+        return gen.output
 
     from tqdm import tqdm
 
     from .video_io import StreamingMP4Writer  # here: PyAV is needed to write, not to load models (eval, bench)
 
-    with StreamingMP4Writer(out, preset.fps) as writer, tqdm(
-        total=plan.video_frames, unit="frame", disable=not req.progress, desc=out.name
+    plan = gen.plan
+    with StreamingMP4Writer(gen.output, gen.preset.fps) as writer, tqdm(
+        total=plan.video_frames, unit="frame", disable=not req.progress, desc=gen.output.name
     ) as bar:
         remaining = plan.video_frames
 
@@ -244,14 +275,20 @@ def generate_video(req: GenerateRequest) -> Path:
             writer.write(frames)
             remaining -= frames.shape[2]
             bar.update(frames.shape[2])
+            if on_frames is not None:
+                on_frames(frames.shape[2])
 
-        use_async = req.async_decode if req.async_decode is not None else device.type == "cuda"
-        decode = lambda latents: decoder.decode(latents.float())  # noqa: E731
-        with AsyncDecoder(decode, write, max_pending=2, device=decode_device if use_async else None) as worker:
-            for chunk in generator.generate(plans, generator=noise):
+        use_async = req.async_decode if req.async_decode is not None else gen.decode_device.type == "cuda"
+        decode = lambda latents: gen.decoder.decode(latents.float())  # noqa: E731  denormalized in fp32
+        with AsyncDecoder(decode, write, max_pending=2, device=gen.decode_device if use_async else None) as worker:
+            for chunk in gen.generator.generate(gen.shots, generator=noise):
                 if use_async:
                     worker.submit(chunk.latents)
                 else:
                     write(decode(chunk.latents))
                 bar.set_postfix(chunk=f"{chunk.index + 1}/{plan.chunks}", shot=chunk.shot + 1)
-    return out
+    return gen.output
+
+
+def generate_video(req: GenerateRequest) -> Path:
+    return write_video(prepare(req))
