@@ -2,12 +2,25 @@
 
 import pytest
 import torch
-from diffusers.models.autoencoders.autoencoder_kl_wan import DupUp3D, WanCausalConv3d, WanRMS_norm
+from diffusers.models.autoencoders.autoencoder_kl_wan import (
+    DupUp3D,
+    WanCausalConv3d,
+    WanResample,
+    WanRMS_norm,
+    WanUpsample,
+)
 
 from longstream.model.checkpoints import CheckpointError
 from longstream.vae import StreamingDecoder, build_vae
 from longstream.vae.checkpoints import load_vae, save_vae
-from longstream.vae.fast import FastCausalConv3d, FastDupUp3D, FastRMSNorm, accelerate, memory_format
+from longstream.vae.fast import (
+    FastCausalConv3d,
+    FastDupUp3D,
+    FastRMSNorm,
+    SubPixelUpConv,
+    accelerate,
+    memory_format,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,8 +79,10 @@ def test_accelerated_layers_keep_gradients():
 
 
 @pytest.mark.parametrize("kind,z_dim", [("test-wan2.1", 16), ("test-wan2.2", 48)])
-def test_channels_last_streaming_decode_equals_diffusers(kind, z_dim):
+def test_channels_last_streaming_decode_equals_diffusers(kind, z_dim, monkeypatch):
     """Fast layers with channels-last weights, streamed in 2 chunks: float64 equal to diffusers' whole decode."""
+    # diffusers upsamples in float32 (x.float()); the reference here keeps float64 throughout
+    monkeypatch.setattr(WanUpsample, "forward", torch.nn.Upsample.forward)
     vae = build_vae(kind, seed=5, dtype=torch.float64)
     z = torch.randn(1, z_dim, 9, 4, 6, dtype=torch.float64)
     with torch.no_grad():
@@ -92,6 +107,41 @@ def test_fast_dup_up_equals_diffusers_and_stays_channels_last(c_in, c_out, facto
     assert torch.equal(out, plain(x, first_chunk))
     assert out.permute(0, 2, 3, 4, 1).is_contiguous() or first_chunk  # NDHWC in memory (a time slice if first)
     assert torch.equal(fast(x, first_chunk), plain(x, first_chunk))  # contiguous input: diffusers' path
+
+
+@pytest.mark.parametrize("h,w,channels_last", [(5, 7, False), (4, 6, True), (1, 1, False), (3, 2, True)])
+def test_sub_pixel_upsample_conv_equals_upsample_then_conv(h, w, channels_last):
+    """Four 2x2 phase convs on the small image equal the 2x nearest upsample + 3x3 conv (float64), values and
+    gradients, and keep the input's layout."""
+    torch.manual_seed(h * 10 + w)
+    plain = torch.nn.Sequential(torch.nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
+                                torch.nn.Conv2d(6, 5, 3, padding=1)).double()
+    fast = torch.nn.Sequential(WanUpsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
+                               torch.nn.Conv2d(6, 5, 3, padding=1)).double()
+    fast.load_state_dict(plain.state_dict())
+    fast.__class__ = SubPixelUpConv
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    fast[1].weight.data = fast[1].weight.data.contiguous(memory_format=layout)
+    x = torch.randn(3, 6, h, w, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().contiguous(memory_format=layout).requires_grad_()
+    ref, out = plain(x), fast(x2)
+    assert out.shape == ref.shape == (3, 5, 2 * h, 2 * w)
+    assert (out - ref).abs().max() < 1e-12 * ref.abs().max()
+    assert out.is_contiguous(memory_format=layout)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    out.backward(grad)
+    assert torch.allclose(x.grad, x2.grad, rtol=1e-12, atol=1e-12)
+    for a, b in zip(plain.parameters(), fast.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_accelerate_swaps_the_upsample_bodies_only():
+    vae = accelerate(build_vae("test-wan2.2", seed=2))
+    resamples = [m for m in vae.modules() if type(m) is WanResample]
+    ups = [m for m in resamples if m.mode.startswith("upsample")]
+    assert ups and all(type(m.resample) is SubPixelUpConv for m in ups)
+    assert all(type(m.resample) is not SubPixelUpConv for m in resamples if m not in ups)  # the encoder's
 
 
 @pytest.mark.gpu

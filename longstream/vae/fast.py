@@ -16,7 +16,9 @@ On CUDA (the Wan2.2 VAE decoding 704x1280 on an H200, bench/RESULTS.md), the con
 peak but elementwise work took about half the time. The norm, and the SiLU that follows it in residual blocks and
 heads (folded into the norm: the owner's `nonlinearity` becomes Identity), run as one compiled kernel
 (`longstream.fused`); the causal convs pad space inside the convolution instead of copying the input padded;
-`FastDupUp3D` keeps channels-last activations channels-last.
+`FastDupUp3D` keeps channels-last activations channels-last, and `SubPixelUpConv` runs the decoder's 2x nearest
+upsample + 3x3 conv as four 2x2 convs on the small image (2.25x fewer FLOPs in those layers, ~7.5% of the Wan2.2
+decoder's, and no upsampled copy in float32).
 
 Parameters and state dict are unchanged (the new classes subclass diffusers' ones), so `accelerate` can be
 applied to any loaded VAE, once. The convolution takes cuDNN's path for non-CPU or non-float32 tensors; the
@@ -33,8 +35,10 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
     WanCausalConv3d,
     WanDecoder3d,
     WanEncoder3d,
+    WanResample,
     WanResidualBlock,
     WanRMS_norm,
+    WanUpsample,
 )
 
 from .. import fused
@@ -100,6 +104,53 @@ class FastDupUp3D(DupUp3D):
         return y[:, :, ft - 1:] if first_chunk else y
 
 
+def _phase_taps(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """A 3-tap kernel axis (`dim`) seen from the low-resolution image after a 2x nearest upsample: output phase 0
+    reads low-res offsets (-1, 0) with taps (w0, w1 + w2), phase 1 reads (0, +1) with (w0 + w1, w2). Stacked as a
+    new leading phase axis; `dim` becomes 2 taps long."""
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack([torch.stack([w0, w1 + w2], dim), torch.stack([w0 + w1, w2], dim)])
+
+
+class SubPixelUpConv(torch.nn.Sequential):
+    """Wan's upsampler body, `Sequential(WanUpsample(2x, nearest-exact), Conv2d(3x3, padding 1))`, computed on the
+    small image: output pixel (2i + a, 2j + b) only sees low-res rows i - 1 + a, i + a and columns j - 1 + b, j + b,
+    so each of the 4 phases (a, b) is a 2x2 conv whose taps are sums of the 3x3 ones. One conv with the 4 phase
+    kernels stacked on the output channels (padding 1, output (h+1) x (w+1)), then each phase's (h, w) window goes
+    to its interleaved place. Same children and state dict as the Sequential it replaces; equal up to float
+    rounding (the tap sums are formed in float32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self[1]
+        w = conv.weight.to(torch.promote_types(conv.weight.dtype, torch.float32))  # [O, C, 3, 3]
+        kernels = _phase_taps(_phase_taps(w, 2), 4).transpose(0, 1)  # [2 (a), 2 (b), O, C, 2, 2]
+        n, _, h, wd = x.shape
+        o = w.shape[0]
+        bias = None if conv.bias is None else conv.bias.repeat(4)
+        kernel = kernels.reshape(4 * o, *w.shape[1:2], 2, 2).to(conv.weight.dtype)
+        if conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous():
+            kernel = kernel.contiguous(memory_format=torch.channels_last)
+        y = F.conv2d(x, kernel, bias, padding=1).view(n, 2, 2, o, h + 1, wd + 1)
+        if y.stride(3) == 1 and not y.is_contiguous():  # out[n, i, a, j, b, :]: channels innermost
+            out = y.new_empty(n, h, 2, wd, 2, o)
+            for a in (0, 1):
+                for b in (0, 1):
+                    out[:, :, a, :, b] = y[:, a, b, :, a:a + h, b:b + wd].permute(0, 2, 3, 1)
+            return out.view(n, 2 * h, 2 * wd, o).permute(0, 3, 1, 2)
+        out = y.new_empty(n, o, h, 2, wd, 2)
+        for a in (0, 1):
+            for b in (0, 1):
+                out[:, :, :, a, :, b] = y[:, a, b, :, a:a + h, b:b + wd]
+        return out.view(n, o, 2 * h, 2 * wd)
+
+
+def _is_upsample_body(module: torch.nn.Module) -> bool:
+    return (type(module) is torch.nn.Sequential and len(module) == 2 and type(module[0]) is WanUpsample
+            and module[0].scale_factor == (2.0, 2.0) and module[0].mode == "nearest-exact"
+            and type(module[1]) is torch.nn.Conv2d and module[1].kernel_size == (3, 3)
+            and module[1].padding == (1, 1) and module[1].stride == (1, 1) and module[1].groups == 1)
+
+
 def accelerate(vae: AutoencoderKLWan, *, channels_last: bool = False) -> AutoencoderKLWan:
     """Swap the VAE's RMS norms, causal convs and DupUp3D for the faster twins above and fold the SiLU that
     follows a norm into it (in place); returns `vae`.
@@ -115,6 +166,8 @@ def accelerate(vae: AutoencoderKLWan, *, channels_last: bool = False) -> Autoenc
             module.__class__ = FastCausalConv3d
         elif type(module) is DupUp3D:
             module.__class__ = FastDupUp3D
+        elif type(module) is WanResample and _is_upsample_body(module.resample):
+            module.resample.__class__ = SubPixelUpConv
     for module in vae.modules():  # the SiLU after these norms goes into them
         norms = {WanResidualBlock: ("norm1", "norm2"), WanEncoder3d: ("norm_out",), WanDecoder3d: ("norm_out",)}
         names = norms.get(type(module), ())
