@@ -4,14 +4,16 @@ Default: the wan2.2-ti2v-5b preset's VAE with random weights, 704x1280, chunks o
 frames), bf16. Every variant decodes the same latents: one video-start chunk, one warm-up chunk, then --chunks
 timed ones. Variants are the cross product of
   --layers: `plain` (diffusers' classes), `fast` (`accelerate`, eager), `fused` (`accelerate`, its norm + SiLU
-    compiled: `longstream.fused`), `fused-cl` (the same with `accelerate(channels_last=True)`);
+    compiled: `longstream.fused`), `fused-cl` (the same with `accelerate(channels_last=True)`), `fused-cl-3x3`
+    (fused-cl with the upsamplers' 3x3 conv on the upsampled image, not `SubPixelUpConv`);
   --frames-per-call: latent frames per decoder call (`StreamingDecoder`);
   --cudnn-benchmark: off / on (cuDNN picks the fastest algorithm per shape on first use).
-Reports seconds per chunk, video FPS, TFLOP/s (convolution FLOPs counted once with torch's FlopCounterMode),
+Reports seconds per chunk, video FPS, TFLOP/s (convolution FLOPs of diffusers' layers, counted once with torch's
+FlopCounterMode: sub-pixel rows do fewer),
 the output's max difference from the first variant, and the top GPU kernels of the last variant. Each variant
 builds the VAE afresh from the same seed.
 
-    python bench/vae_decode.py [--layers plain,fast,fused,fused-cl] [--frames-per-call 4] [--cudnn-benchmark off,on]
+    python bench/vae_decode.py [--layers plain,fast,fused,fused-cl,fused-cl-3x3] [--frames-per-call 4] [--cudnn-benchmark off,on]
         [--chunks 3] [--base-dim N] [--json out.json]
 """
 
@@ -32,7 +34,7 @@ from longstream.vae import StreamingDecoder, build_vae
 from longstream.fused import fusion
 from longstream.vae.fast import accelerate
 
-LAYERS = ("plain", "fast", "fused", "fused-cl")
+LAYERS = ("plain", "fast", "fused", "fused-cl", "fused-cl-3x3")
 
 
 def sync() -> None:
@@ -44,7 +46,9 @@ def build(kind: str, layers: str, dtype: torch.dtype, device: torch.device, base
     """The VAE of `kind` (seed 0; `base_dim` channels if given) in the `layers` variant."""
     width = {"base_dim": base_dim} if base_dim else {}
     vae = build_vae(kind, dtype=dtype, device=device, seed=0, **width)
-    return vae if layers == "plain" or device == "meta" else accelerate(vae, channels_last=layers == "fused-cl")
+    if layers == "plain" or device == "meta":
+        return vae
+    return accelerate(vae, channels_last=layers.startswith("fused-cl"), sub_pixel=layers != "fused-cl-3x3")
 
 
 def decode_chunks(decoder: StreamingDecoder, chunks: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -63,6 +63,12 @@ class FastRMSNorm(WanRMS_norm):
         return fused.run(channel_rms_norm, x, self.gamma, self.bias, self.scale, self.then_silu)
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    """Channels-last (NDHWC / NHWC) in memory and not also plainly contiguous."""
+    layout = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+    return not x.is_contiguous() and x.is_contiguous(memory_format=layout)
+
+
 class FastCausalConv3d(WanCausalConv3d):
     def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
         # Time: cached frames, then zeros, in front (as diffusers). Space: the convolution's own zero padding,
@@ -79,7 +85,7 @@ class FastCausalConv3d(WanCausalConv3d):
                 x.contiguous(), self.weight.contiguous(), self.bias, padding, list(self.stride),
                 list(self.dilation), self.groups,
             )
-        if not self.weight.is_contiguous() and self.weight.is_contiguous(memory_format=torch.channels_last_3d):
+        if _channels_last(self.weight):
             x = x.contiguous(memory_format=torch.channels_last_3d)  # layers like attention return NCDHW
         return F.conv3d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
@@ -94,7 +100,7 @@ class FastDupUp3D(DupUp3D):
     """
 
     def forward(self, x: torch.Tensor, first_chunk: bool = False) -> torch.Tensor:
-        if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last_3d):
+        if not _channels_last(x):
             return super().forward(x, first_chunk)
         b, _, t, h, w = x.shape
         ft, fs = self.factor_t, self.factor_s
@@ -128,7 +134,7 @@ class SubPixelUpConv(torch.nn.Sequential):
         o = w.shape[0]
         bias = None if conv.bias is None else conv.bias.repeat(4)
         kernel = kernels.reshape(4 * o, *w.shape[1:2], 2, 2).to(conv.weight.dtype)
-        if conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous():
+        if _channels_last(conv.weight):
             kernel = kernel.contiguous(memory_format=torch.channels_last)
         y = F.conv2d(x, kernel, bias, padding=1).view(n, 2, 2, o, h + 1, wd + 1)
         if y.stride(3) == 1 and not y.is_contiguous():  # out[n, i, a, j, b, :]: channels innermost
@@ -151,9 +157,10 @@ def _is_upsample_body(module: torch.nn.Module) -> bool:
             and module[1].padding == (1, 1) and module[1].stride == (1, 1) and module[1].groups == 1)
 
 
-def accelerate(vae: AutoencoderKLWan, *, channels_last: bool = False) -> AutoencoderKLWan:
-    """Swap the VAE's RMS norms, causal convs and DupUp3D for the faster twins above and fold the SiLU that
-    follows a norm into it (in place); returns `vae`.
+def accelerate(vae: AutoencoderKLWan, *, channels_last: bool = False,
+               sub_pixel: bool = True) -> AutoencoderKLWan:
+    """Swap the VAE's RMS norms, causal convs, DupUp3D and (with `sub_pixel`) its upsamplers' upsample + conv for
+    the faster twins above and fold the SiLU that follows a norm into it (in place); returns `vae`.
 
     `channels_last=True` also stores the conv weights channels-last (NDHWC / NHWC), the layout cuDNN's bf16
     tensor-core convolutions run in without transposing; `StreamingDecoder` then feeds the decoder the same
@@ -166,7 +173,7 @@ def accelerate(vae: AutoencoderKLWan, *, channels_last: bool = False) -> Autoenc
             module.__class__ = FastCausalConv3d
         elif type(module) is DupUp3D:
             module.__class__ = FastDupUp3D
-        elif type(module) is WanResample and _is_upsample_body(module.resample):
+        elif sub_pixel and type(module) is WanResample and _is_upsample_body(module.resample):
             module.resample.__class__ = SubPixelUpConv
     for module in vae.modules():  # the SiLU after these norms goes into them
         norms = {WanResidualBlock: ("norm1", "norm2"), WanEncoder3d: ("norm_out",), WanDecoder3d: ("norm_out",)}
@@ -186,6 +193,6 @@ def accelerate(vae: AutoencoderKLWan, *, channels_last: bool = False) -> Autoenc
 def memory_format(vae: AutoencoderKLWan) -> torch.memory_format:
     """The layout the decoder's input should have: channels-last after `accelerate(channels_last=True)`."""
     weight = vae.decoder.conv_in.weight
-    if not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last_3d):
+    if _channels_last(weight):
         return torch.channels_last_3d
     return torch.contiguous_format
