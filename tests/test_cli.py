@@ -45,6 +45,27 @@ def test_bf16_vae_decode_stays_near_fp32(tmp_path):
     assert 0 < gap < 8, gap  # bf16 rounding shows (a few levels of 255), nothing more
 
 
+@pytest.mark.parametrize("async_decode", ["--async-decode", "--no-async-decode"])
+def test_an_encoder_failure_mid_video_leaves_nothing(tmp_path, monkeypatch, async_decode):
+    """The MP4 is encoded on a worker thread: its error reaches the caller and the partial file is removed."""
+    from longstream.pipeline.video_io import StreamingMP4Writer
+
+    real, calls = StreamingMP4Writer.write, []
+
+    def failing_write(self, frames):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real(self, frames)
+
+    monkeypatch.setattr(StreamingMP4Writer, "write", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        main(["generate", "--preset", "tiny", "--prompt", "a red ball", "--seconds", "3", "--quiet", "--width", "32",
+              "--height", "32", "--output", str(tmp_path / "v.mp4"), async_decode, "--decode-device", "cpu"])
+    assert len(calls) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_two_shot_file(tmp_path):
     shots = tmp_path / "shots.jsonl"
     shots.write_text('{"prompt": "a red ball", "seconds": 1}\n{"prompt": "a blue square", "seconds": 1}\n')

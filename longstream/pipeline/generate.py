@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 
@@ -251,8 +252,8 @@ def prepare(req: GenerateRequest, models: Models | None = None) -> Generation:
 
 
 def write_video(gen: Generation, on_frames: Callable[[int], None] | None = None) -> Path:
-    """Stream `gen`'s chunks, decode them and write the MP4 (atomically); `on_frames(n)` follows each write of n
-    frames (the benchmarks' clock)."""
+    """Stream `gen`'s chunks, decode them and write the MP4 (atomically); `on_frames(n)` follows the encoding of
+    each n frames (the benchmarks' clock)."""
     req, noise = gen.request, torch.Generator().manual_seed(gen.request.seed)
     if not gen.writes:  # other sequence-parallel ranks: take part in every pass, write nothing
         for _ in gen.generator.generate(gen.shots, generator=noise):
@@ -261,7 +262,7 @@ def write_video(gen: Generation, on_frames: Callable[[int], None] | None = None)
 
     from tqdm import tqdm
 
-    from .video_io import StreamingMP4Writer  # here: PyAV is needed to write, not to load models (eval, bench)
+    from .video_io import StreamingMP4Writer, frames_to_uint8  # PyAV is needed to write, not to load models
 
     plan = gen.plan
     with StreamingMP4Writer(gen.output, gen.preset.fps) as writer, tqdm(
@@ -269,23 +270,30 @@ def write_video(gen: Generation, on_frames: Callable[[int], None] | None = None)
     ) as bar:
         remaining = plan.video_frames
 
-        def write(frames: torch.Tensor) -> None:
+        def to_host(frames: torch.Tensor) -> np.ndarray:  # decode side: trim the last chunk, uint8 on the host
             nonlocal remaining
             frames = frames[:, :, :remaining]
-            writer.write(frames)
             remaining -= frames.shape[2]
-            bar.update(frames.shape[2])
+            return frames_to_uint8(frames)
+
+        def encode(frames: np.ndarray) -> None:
+            writer.write(frames)
+            bar.update(len(frames))
             if on_frames is not None:
-                on_frames(frames.shape[2])
+                on_frames(len(frames))
 
         use_async = req.async_decode if req.async_decode is not None else gen.decode_device.type == "cuda"
         decode = lambda latents: gen.decoder.decode(latents.float())  # noqa: E731  denormalized in fp32
-        with AsyncDecoder(decode, write, max_pending=2, device=gen.decode_device if use_async else None) as worker:
+        # two stages on worker threads: decode (on its own CUDA stream), then encode, each a chunk behind
+        with AsyncDecoder(lambda frames: frames, encode, max_pending=2) as encoder, AsyncDecoder(
+            decode, lambda frames: encoder.submit(to_host(frames)), max_pending=2,
+            device=gen.decode_device if use_async else None,
+        ) as decoder:
             for chunk in gen.generator.generate(gen.shots, generator=noise):
                 if use_async:
-                    worker.submit(chunk.latents)
+                    decoder.submit(chunk.latents)
                 else:
-                    write(decode(chunk.latents))
+                    encoder.submit(to_host(decode(chunk.latents)))
                 bar.set_postfix(chunk=f"{chunk.index + 1}/{plan.chunks}", shot=chunk.shot + 1)
     return gen.output
 

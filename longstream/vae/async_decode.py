@@ -5,7 +5,8 @@ order, on one worker thread. On a GPU the worker issues its work on its own CUDA
 device), after waiting for an event recorded where the latents were produced, so the two streams overlap
 without a host sync. The queue is bounded: `submit` blocks once `max_pending` chunks wait, so memory stays flat
 however long the video. An exception in the worker is raised again in the caller at the next `submit` or at
-`close`; after a failure the remaining chunks are dropped.
+`close`; after a failure the remaining chunks are dropped. Without a device it is a plain ordered worker stage
+(`generate` also encodes the MP4 on one, so encoding overlaps decoding).
 """
 
 from __future__ import annotations
