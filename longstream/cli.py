@@ -50,6 +50,8 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
                    help="linear layers: bf16 (unquantized, default), fp8 (W8A8) or nvfp4 (W4A4)")
     p.add_argument("--kv-cache", default="dense", choices=("dense", "fp8", "nvfp4"),
                    help="KV-cache storage: dense (compute dtype, default), fp8 or nvfp4")
+    p.add_argument("--attention", default="bf16", choices=("bf16", "fp8"),
+                   help="self-attention matmuls: bf16 (default) or fp8 (reads an fp8 KV cache: --kv-cache fp8)")
     p.add_argument("--async-decode", action=argparse.BooleanOptionalAction, default=None,
                    help="decode the VAE on a worker overlapping the DiT (default: on with a GPU)")
     p.add_argument("--decode-device", metavar="DEVICE",
@@ -68,7 +70,8 @@ def _run_generate(args: argparse.Namespace) -> None:
         output=args.output, preset=args.preset, prompts=args.prompt, prompts_file=args.prompts,
         seconds=args.seconds, steps=args.steps, seed=args.seed, checkpoint=args.checkpoint,
         height=args.height, width=args.width, device=args.device, progress=not args.quiet,
-        kv_cache=args.kv_cache, linear=args.linear, async_decode=args.async_decode, decode_device=args.decode_device,
+        kv_cache=args.kv_cache, attention=args.attention, linear=args.linear, async_decode=args.async_decode,
+        decode_device=args.decode_device,
         lora=args.lora, sp=args.sp,
         text_encoder=args.text_encoder, vae=args.vae, offload_text_encoder=args.offload_text_encoder,
         text_cache=args.text_cache, vae_dtype=args.vae_dtype,
@@ -246,6 +249,9 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--linear", default="bf16", help="linear formats, comma list of bf16, fp8, nvfp4 (default bf16)")
     e.add_argument("--kv-cache", default="dense",
                    help="KV-cache storage, comma list of dense, fp8, nvfp4 (default dense)")
+    e.add_argument("--attention", default="bf16",
+                   help="self-attention matmuls, comma list of bf16, fp8 (fp8 rows need the fp8 KV cache; default "
+                        "bf16)")
     e.add_argument("--async-decode", default="on",
                    help="VAE decode on a worker overlapping the DiT, comma list of on, off (default on)")
     e.add_argument("--fusion", default="on",
@@ -277,8 +283,8 @@ def _run_bench_e2e(args: argparse.Namespace) -> None:
 
     result = run_e2e(E2ERequest(
         preset=args.preset, height=args.height, width=args.width, chunks=args.chunks, steps=args.steps,
-        linear=args.linear, kv_cache=args.kv_cache, async_decode=args.async_decode, fusion=args.fusion,
-        fuse_qkv=args.fuse_qkv,
+        linear=args.linear, kv_cache=args.kv_cache, attention=args.attention, async_decode=args.async_decode,
+        fusion=args.fusion, fuse_qkv=args.fuse_qkv,
         vae=not args.no_vae, compile=args.compile, text_tokens=args.text_tokens, seed=args.seed,
         peak_tflops=args.peak_tflops, peak_tbps=args.peak_tbps, json=args.json, device=args.device,
         decode_device=args.decode_device, progress=not args.quiet,

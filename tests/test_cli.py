@@ -106,6 +106,7 @@ BAD = {
     "zero height": (lambda p: ["--prompt", "x", "--height", "0"], "not possible for preset tiny"),
     "endless video": (lambda p: ["--prompt", "x", "--seconds", "1e308"], "more than"),
     "nvfp4 cache on a head size of 24": (lambda p: ["--prompt", "x", "--kv-cache", "nvfp4"], "divisible by 16"),
+    "fp8 attention without the fp8 cache": (lambda p: ["--prompt", "x", "--attention", "fp8"], "add --kv-cache fp8"),
     "unsupported device": (lambda p: ["--prompt", "x", "--device", "mps"], "not supported"),
     "seconds with a shot file": (lambda p: ["--prompts", str(_write(p / "s.yaml", "- {prompt: x, seconds: 1}")),
                                             "--seconds", "3"], "--seconds is for --prompt"),

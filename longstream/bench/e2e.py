@@ -73,7 +73,7 @@ raised to 256 graphs per function and reaching it is an error, so that no row si
 
 JSON: the settings (device, torch, preset, height, width, tokens_per_frame, chunk_frames, window_frames,
 sink_frames, chunks, first_measured_chunk, text_tokens, seed, dtype, vae, decode_device, compile, peak_tflops,
-peak_tbps) and `rows`, each with steps, linear, kv_cache, async_decode (null without VAE), fusion, fuse_qkv,
+peak_tbps) and `rows`, each with steps, linear, kv_cache, attention, async_decode (null without VAE), fusion, fuse_qkv,
 video_fps, dit_fps, chunk_s (steady host time per chunk), dit_chunk_s, first_frame_s, first_chunk_s,
 peak_memory_gib, latent_rel_error, breakdown_ms {linears, attention, cache_write, vae, other, chunk, kernels,
 unlinked, shared_ids, top_kernels (GPU: the TOP_KERNELS kernels with the most time in the profiled chunk)} and
@@ -104,6 +104,7 @@ from ..devices import resolve_device
 from ..errors import UsageError
 from ..fused import fusion
 from ..model.fuse_qkv import fuse_qkv
+from ..model.kv_cache import ATTENTION_KINDS
 from ..model.transformer import CausalWanTransformer
 from ..pipeline.stream import ShotPlan, StreamingGenerator
 from ..quant.linear import MODES, quantize_model
@@ -132,6 +133,7 @@ class E2ERequest:
     steps: str | None = None  # None: the preset's
     linear: str = "bf16"
     kv_cache: str = "dense"
+    attention: str = "bf16"
     async_decode: str = "on"
     fusion: str = "on"
     fuse_qkv: str = "on"
@@ -155,9 +157,11 @@ class RowConfig:
     async_decode: bool | None  # None: no VAE
     fusion: bool = True  # compiled elementwise steps on CUDA (longstream.fused)
     fuse_qkv: bool = True  # one self-attention q/k/v projection (longstream.model.fuse_qkv)
+    attention: str = "bf16"  # "fp8": both attention matmuls in FP8 over the fp8 cache (longstream.quant.fp8_attention)
 
     def is_reference(self) -> bool:
-        return self.linear == "bf16" and self.kv_cache == "dense" and not self.fusion and not self.fuse_qkv
+        return (self.linear == "bf16" and self.kv_cache == "dense" and not self.fusion and not self.fuse_qkv
+                and self.attention == "bf16")
 
 
 @dataclass
@@ -239,6 +243,9 @@ def plan(req: E2ERequest) -> _Plan:
     steps = parse_steps(req.steps) if req.steps is not None else [preset.stream.steps]
     linears = parse_list(req.linear, "--linear", MODES)
     kv_caches = parse_list(req.kv_cache, "--kv-cache", KV_CACHES)
+    attentions = parse_list(req.attention, "--attention", ATTENTION_KINDS)
+    if "fp8" in attentions and "fp8" not in kv_caches:
+        raise UsageError("--attention fp8 reads an fp8 KV cache: add fp8 to --kv-cache")
     asyncs = [ON_OFF[a] for a in parse_list(req.async_decode, "--async-decode", list(ON_OFF))]
     fusions = [ON_OFF[f] for f in parse_list(req.fusion, "--fusion", list(ON_OFF))]
     qkvs = sorted(ON_OFF[f] for f in parse_list(req.fuse_qkv, "--fuse-qkv", list(ON_OFF)))
@@ -273,9 +280,9 @@ def plan(req: E2ERequest) -> _Plan:
     if device.type != "cuda":
         fusions = [False]  # the compiled block steps are a CUDA path
     fusions.sort()  # unfused rows first: the eager bf16 one is the reference
-    rows = [RowConfig(s, lin, kv, a if req.vae else None, fu, qkv)  # one model per (linears, q/k/v), in order
-            for lin in linears for qkv in qkvs for fu in fusions for kv in kv_caches for s in steps
-            for a in (asyncs if req.vae else [None])]
+    rows = [RowConfig(s, lin, kv, a if req.vae else None, fu, qkv, at)  # one model per (linears, q/k/v), in order
+            for lin in linears for qkv in qkvs for fu in fusions for kv in kv_caches for at in attentions
+            for s in steps for a in (asyncs if req.vae else [None]) if at == "bf16" or kv == "fp8"]
     return _Plan(req, preset, height, width, latent_hw, preset.tokens_per_frame(height, width), first_full,
                  first_measured, rows, peaks, PEAK_TBPS if req.peak_tbps is None else req.peak_tbps, device,
                  decode_device)
@@ -364,8 +371,12 @@ class _Bench:
 
     def _chunks(self, model: CausalWanTransformer, row: RowConfig, count: int,
                 gen: StreamingGenerator | None = None) -> Iterator:
-        gen = gen or StreamingGenerator(model, self.p.stream(row.steps), self.p.latent_hw, kv_storage=row.kv_cache)
+        gen = gen or self._generator(model, row)
         return gen.generate([ShotPlan(self.text, count)], generator=torch.Generator().manual_seed(self.p.request.seed))
+
+    def _generator(self, model: CausalWanTransformer, row: RowConfig) -> StreamingGenerator:
+        return StreamingGenerator(model, self.p.stream(row.steps), self.p.latent_hw, kv_storage=row.kv_cache,
+                                  attention=row.attention)
 
     def _decoder(self) -> StreamingDecoder | None:
         return None if self.vae is None else StreamingDecoder(self.vae, normalized=True, frames_per_call=4)
@@ -373,7 +384,7 @@ class _Bench:
     def profile_chunk(self, model: CausalWanTransformer, row: RowConfig) -> dict[str, float | None]:
         """Warm up through the first full-window chunk, then profile the next one (see the module docstring)."""
         detail = self.p.request.compile is None
-        gen = StreamingGenerator(model, self.p.stream(row.steps), self.p.latent_hw, kv_storage=row.kv_cache)
+        gen = self._generator(model, row)
         if detail:
             label_attention(gen)
         decoder = self._decoder()
@@ -555,6 +566,7 @@ def _release(device: torch.device) -> None:
 def _describe(row: RowConfig) -> str:
     decode = "" if row.async_decode is None else f", decode {'async' if row.async_decode else 'sequential'}"
     fused, qkv = ("on" if on else "off" for on in (row.fusion, row.fuse_qkv))
-    return f"{row.steps} steps, {row.linear} linears, {row.kv_cache} KV{decode}, fusion {fused}, fused q/k/v {qkv}"
+    return (f"{row.steps} steps, {row.linear} linears, {row.kv_cache} KV, {row.attention} attention{decode}, "
+            f"fusion {fused}, fused q/k/v {qkv}")
 
 

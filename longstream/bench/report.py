@@ -17,7 +17,7 @@ def render_table(title: str, cells: list[list[str]]) -> list[str]:
     return [title, *("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)]
 
 
-COLUMNS = ("steps", "linear", "kv", "fused", "qkv", "async", "FPS", "DiT FPS", "TTFF s", "peak GiB", "lin ms",
+COLUMNS = ("steps", "linear", "kv", "attn", "fused", "qkv", "async", "FPS", "DiT FPS", "TTFF s", "peak GiB", "lin ms",
            "attn ms", "cache ms", "VAE ms", "other ms", "lat err", "ceiling")
 
 
@@ -31,7 +31,7 @@ def format_table(result: dict[str, Any]) -> str:
         decode = "-" if row["async_decode"] is None else ("on" if row["async_decode"] else "off")
         switches = ("on" if row.get(k) else "off" for k in ("fusion", "fuse_qkv"))
         cells.append([
-            str(row["steps"]), row["linear"], row["kv_cache"], *switches, decode,
+            str(row["steps"]), row["linear"], row["kv_cache"], row.get("attention", "bf16"), *switches, decode,
             num(row["video_fps"], ".2f"),
             num(row["dit_fps"], ".2f"), num(row["first_frame_s"], ".3f"), num(row["peak_memory_gib"], ".2f"),
             *(num(b[k], ".1f") for k in (LINEARS, ATTENTION, CACHE_WRITE, VAE, "other")),

@@ -15,6 +15,7 @@ is replaced (first in, first out). Every other frame goes to the ring.
 Storage. `KVStorage` is the hook for quantized storage: `write` stores K/V at token indices (whole frames; it
 may quantize them in place), `read` returns the first `n` tokens in the compute dtype. Kinds: `dense` (the
 compute dtype), `fp8` and `nvfp4` (`longstream.quant.kv_storage`); register more with `register_storage`.
+With `attention="fp8"` an `fp8` cache is attended to from its codes, both matmuls in FP8 (`FP8KVStorage.attend`).
 """
 
 from __future__ import annotations
@@ -58,6 +59,18 @@ class DenseKVStorage:
         return self.k.numel() * self.k.element_size() * 2
 
 
+ATTENTION_KINDS = ("bf16", "fp8")
+
+
+def check_attention(attention: str, storage: str) -> None:
+    """`bf16`: SDPA in the compute dtype over the storage's read. `fp8`: both matmuls in FP8 straight from an
+    `fp8` cache's codes (`quant.fp8_attention`)."""
+    if attention not in ATTENTION_KINDS:
+        raise ValueError(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTION_KINDS)}")
+    if attention == "fp8" and storage != "fp8":
+        raise ValueError(f"fp8 attention reads an fp8 KV cache; got KV storage {storage!r}")
+
+
 StorageFactory = Callable[..., KVStorage]
 _STORAGE: dict[str, StorageFactory] = {"dense": DenseKVStorage, "fp8": FP8KVStorage, "nvfp4": NVFP4KVStorage}
 
@@ -94,11 +107,14 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         storage: str = "dense",
+        attention: str = "bf16",
     ) -> None:
         if window_frames <= sink_frames:
             raise ValueError(f"window_frames ({window_frames}) must exceed sink_frames ({sink_frames})")
         if storage not in _STORAGE:
             raise ValueError(f"unknown KV storage {storage!r}; choose one of {', '.join(storage_kinds())}")
+        check_attention(attention, storage)
+        self.attention = attention
         self.tokens_per_frame = tokens_per_frame
         self.sink_capacity = sink_frames
         self.ring_capacity = window_frames - sink_frames
@@ -198,6 +214,8 @@ class KVCache:
         index, length, key_mask = self._attend_state
         store = self.layers[layer]
         store_chunk(store, index)
+        if self.attention == "fp8":
+            return store.attend(q, length, None if key_mask is None else key_mask[:: self.tokens_per_frame])
         keys, values = store.read(length)
         return attention(q, keys, values, None if key_mask is None else key_mask[None, :])
 

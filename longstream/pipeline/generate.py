@@ -45,6 +45,7 @@ class GenerateRequest:
     device: str = "auto"
     progress: bool = True
     kv_cache: str = "dense"
+    attention: str = "bf16"  # "fp8": both attention matmuls in FP8 over an fp8 KV cache
     linear: str = "bf16"
     async_decode: bool | None = None  # None: on for CUDA
     decode_device: str | None = None  # VAE device (e.g. a second GPU); None: the generating device
@@ -222,6 +223,8 @@ def prepare(req: GenerateRequest, models: Models | None = None) -> Generation:
     if req.kv_cache == "nvfp4" and preset.transformer.attention_head_dim % 16:
         raise UsageError(f"--kv-cache nvfp4 needs a head dimension divisible by 16; preset {preset.name} has "
                          f"{preset.transformer.attention_head_dim}")
+    if req.attention == "fp8" and req.kv_cache != "fp8":
+        raise UsageError(f"--attention fp8 reads an fp8 KV cache: add --kv-cache fp8 (got {req.kv_cache})")
     if req.vae_dtype not in (None, "bf16", "fp32"):
         raise UsageError(f"--vae-dtype must be bf16 or fp32, got {req.vae_dtype!r}")
     stream = dataclasses.replace(preset.stream, steps=req.steps or preset.stream.steps)
@@ -247,7 +250,8 @@ def prepare(req: GenerateRequest, models: Models | None = None) -> Generation:
     models = models or load_models(req, preset, device, decode_device)
     decoder = StreamingDecoder(models.vae, normalized=True, frames_per_call=4)
     plans = [ShotPlan(models.encoder.encode([s.prompt]), n) for s, n in zip(shots, plan.chunks_per_shot)]
-    generator = StreamingGenerator(models.transformer, stream, latent_hw, kv_storage=req.kv_cache, shard=shard)
+    generator = StreamingGenerator(models.transformer, stream, latent_hw, kv_storage=req.kv_cache,
+                                   attention=req.attention, shard=shard)
     return Generation(req, preset, out, plan, models, plans, generator, decoder, decode_device, writes)
 
 

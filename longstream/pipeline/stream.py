@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import torch
 
 from ..config import StreamConfig
-from ..model.kv_cache import KVCache
+from ..model.kv_cache import KVCache, check_attention
 from ..model.transformer import CausalWanTransformer, TextContext
 from .schedule import FewStepSampler, Sampler
 
@@ -72,6 +72,7 @@ class StreamingGenerator:
         *,
         sampler: Sampler | None = None,
         kv_storage: str = "dense",
+        attention: str = "bf16",
         shard: "StreamShard | None" = None,
     ) -> None:
         self.model = model
@@ -79,6 +80,8 @@ class StreamingGenerator:
         self.latent_hw = latent_hw
         self.sampler = sampler or FewStepSampler(stream.steps, stream.timestep_shift)
         self.kv_storage = kv_storage
+        check_attention(attention, kv_storage)
+        self.attention = attention
         self.shard = shard
         cfg = model.config
         if shard is not None:
@@ -98,7 +101,7 @@ class StreamingGenerator:
             head_dim=cfg.attention_head_dim, tokens_per_frame=self.tokens_per_frame,
             latent_shape=(cfg.in_channels, *self.latent_hw), sink_frames=self.stream.sink_frames,
             window_frames=self.stream.window_frames, dtype=self.model.dtype,
-            device=self.model.proj_out.weight.device, storage=self.kv_storage,
+            device=self.model.proj_out.weight.device, storage=self.kv_storage, attention=self.attention,
         )
 
     def layout(self, shots: Sequence[ShotPlan]) -> FrameLayout:

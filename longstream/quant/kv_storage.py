@@ -3,7 +3,8 @@
 Both quantize on write, in place, and dequantize to the compute dtype on read. Scales follow the cache's unit,
 the latent frame: every (batch, head, frame slot) has one float32 scale, computed from that frame's keys (or
 values) of that head when the frame is written.
-- `fp8`:   e4m3 elements, scale = amax / 448 per (batch, head, frame). 1 byte per element (+ scales).
+- `fp8`:   e4m3 elements, scale = amax / 448 per (batch, head, frame). 1 byte per element (+ scales). It can
+  also be attended to directly, with both attention matmuls in FP8 (`FP8KVStorage.attend`).
 - `nvfp4`: the NVFP4 format of `longstream.quant.nvfp4` (1x16 blocks along head_dim, E4M3 block scales) with the
   per-(batch, head, frame) scale as its global scale amax / (6 * 448). 4.5 bits per element (+ scales): with
   head_dim 128 a token-head takes 72 bytes against 256 in bf16 (3.56x smaller).
@@ -17,6 +18,7 @@ from typing import Sequence
 import torch
 
 from . import nvfp4
+from .fp8_attention import fp8_attention_reference
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -92,6 +94,17 @@ class FP8KVStorage(_FrameScaledStorage):
             s = self._scale_per_token(scales, length)[..., None]
             out.append((store[:, :, :length].float() * s).to(self.dtype))
         return out[0], out[1]
+
+    def attend(self, q: torch.Tensor, length: int, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """FP8 attention of q [B, H, Sq, D] over the first `length` cached tokens, straight from the E4M3 codes
+        (`quant.fp8_attention`; `visible`: bool per frame slot): the Triton kernel on CUDA, its reference twin
+        elsewhere. Queries and probabilities are rounded to E4M3 too, unlike `read` + SDPA."""
+        args = (q, self.k, self.k_scale, self.v, self.v_scale, length, self.tokens_per_frame, visible)
+        if q.is_cuda and _HAS_TRITON:
+            from .kernels.fp8_attention import fp8_attention
+
+            return fp8_attention(*args)
+        return fp8_attention_reference(*args)
 
     def nbytes(self) -> int:
         return 2 * (self.k.numel() + self.k_scale.numel() * 4)

@@ -1,0 +1,121 @@
+"""Triton kernel: attention with both matmuls on E4M3 operands over an FP8 KV cache (reference twin and math:
+`longstream.quant.fp8_attention.fp8_attention_reference`).
+
+One program computes a BM x D output tile for one (batch x head) row: it quantizes its queries to E4M3 in
+registers (one scale per row), then for each BN-key tile reads the cached E4M3 codes of K and V and their frame
+scales, runs Q8 K8^T and P8 V8 on tensor cores with float32 accumulation (Hopper's FP8 wgmma, sm_89+), and keeps
+the online softmax in float32. Under Triton's interpreter (whose float8 casts are wrong for some values) the same
+E4M3 values are made by integer arithmetic (`fp8_quant._e4m3_code`), decoded exactly and multiplied in float32.
+Results equal the reference up to summation order (and the rare probability that then rounds to the other E4M3
+neighbour).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import fp8_attention as reference
+from . import interpreting, patch_interpreter
+from .fp8_quant import E4M3_MAX, _e4m3_code
+
+P_SCALE = tl.constexpr(reference.P_SCALE)
+
+GPU_BLOCK_M = 128
+GPU_BLOCK_N = 128
+
+
+@triton.jit
+def _e4m3_value(code):
+    """E4M3 byte -> its float32 value (exact)."""
+    c = code.to(tl.int32)
+    exponent = (c >> 3) & 15
+    mantissa = (c & 7).to(tl.float32)
+    magnitude = tl.where(exponent == 0, mantissa * 0.001953125,  # subnormals: m * 2^-9
+                         (8.0 + mantissa) * tl.exp2((exponent - 10).to(tl.float32)))
+    return tl.where((c & 128) != 0, -magnitude, magnitude)
+
+
+@triton.jit
+def _to_e4m3(x, HW: tl.constexpr):
+    """float32 in [-448, 448] -> E4M3 operand: hardware float8 (GPU) or its exact float32 value (interpreter)."""
+    if HW:
+        return x.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+    return _e4m3_value(_e4m3_code(x))
+
+
+@triton.jit
+def _fp8_attention_kernel(q_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, vis_ptr, out_ptr, sq, length, s_alloc, slots,
+                          tokens_per_frame, sm_scale, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
+                          BN: tl.constexpr, HAS_VISIBLE: tl.constexpr, HW: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    m = tl.program_id(1) * BM + tl.arange(0, BM)
+    d = tl.arange(0, DP)
+    q_ok = (m < sq)[:, None] & (d < D)[None, :]
+    q = tl.load(q_ptr + (bh * sq + m)[:, None] * D + d[None, :], mask=q_ok, other=0.0).to(tl.float32)
+    q_scale = tl.maximum(tl.max(tl.abs(q), axis=1), 1e-12) / E4M3_MAX
+    q8 = _to_e4m3(tl.minimum(tl.maximum(q / q_scale[:, None], -E4M3_MAX), E4M3_MAX), HW)
+    score_scale = q_scale * sm_scale
+    row_max = tl.full((BM,), float("-inf"), tl.float32)
+    row_sum = tl.zeros((BM,), tl.float32)
+    acc = tl.zeros((BM, DP), tl.float32)
+    for start in range(0, length, BN):
+        t = start + tl.arange(0, BN)
+        ok = t < length
+        slot = t // tokens_per_frame
+        if HAS_VISIBLE:
+            ok = ok & (tl.load(vis_ptr + slot, mask=ok, other=0) != 0)
+        kv_ok = ok[:, None] & (d < D)[None, :]
+        offsets = (bh * s_alloc + t)[:, None] * D + d[None, :]
+        k_codes = tl.load(k_ptr + offsets, mask=kv_ok, other=0)
+        v_codes = tl.load(v_ptr + offsets, mask=kv_ok, other=0)
+        if HW:
+            k8 = k_codes.to(tl.float8e4nv, bitcast=True)
+            v8 = v_codes.to(tl.float8e4nv, bitcast=True)
+        else:
+            k8 = _e4m3_value(k_codes)
+            v8 = _e4m3_value(v_codes)
+        k_scale = tl.load(ks_ptr + bh * slots + slot, mask=ok, other=0.0)
+        v_scale = tl.load(vs_ptr + bh * slots + slot, mask=ok, other=0.0)
+        s = tl.dot(q8, tl.trans(k8)) * score_scale[:, None] * k_scale[None, :]
+        s = tl.where(ok[None, :], s, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(s, axis=1))
+        safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+        p = tl.exp(s - safe[:, None])
+        correction = tl.exp(row_max - safe)
+        v_ref = tl.maximum(tl.max(v_scale, axis=0), 1e-30)
+        p8 = _to_e4m3(p * (v_scale * (P_SCALE / v_ref))[None, :], HW)
+        acc = acc * correction[:, None] + tl.dot(p8, v8) * (v_ref / P_SCALE)
+        row_sum = row_sum * correction + tl.sum(p, axis=1)
+        row_max = new_max
+    out = acc / row_sum[:, None]
+    tl.store(out_ptr + (bh * sq + m)[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=q_ok)
+
+
+def fp8_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, v_codes: torch.Tensor,
+                  v_scale: torch.Tensor, length: int, tokens_per_frame: int,
+                  visible: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, H, Sq, D]; codes [B, H, S, D] (E4M3 or their uint8 view), scales [B, H, S / T] float32, `visible`
+    [S / T] bool or None: the arguments of `fp8_attention_reference`. Returns [B, H, Sq, D] in q's dtype."""
+    patch_interpreter()
+    b, h, sq, d = q.shape
+    if k_codes.shape[-1] != d or not 1 <= length <= k_codes.shape[2]:
+        raise ValueError(f"queries of head size {d} against cached codes {tuple(k_codes.shape)}, length {length}")
+    hw = not interpreting()
+    if hw and torch.cuda.get_device_capability(q.device) < (8, 9):
+        raise RuntimeError("FP8 attention needs E4M3 tensor cores (compute capability 8.9 or newer)")
+    block_m, block_n = (GPU_BLOCK_M, GPU_BLOCK_N) if hw else (64, reference.BLOCK_N)
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    vis = visible.to(device=q.device, dtype=torch.uint8) if visible is not None else k_scale
+    grid = (b * h, triton.cdiv(sq, block_m))
+    _fp8_attention_kernel[grid](
+        q, k_codes.view(torch.uint8), k_scale, v_codes.view(torch.uint8), v_scale, vis, out, sq, length,
+        k_codes.shape[2], k_scale.shape[-1], tokens_per_frame, 1.0 / math.sqrt(d), D=d,
+        DP=max(16, triton.next_power_of_2(d)), BM=block_m, BN=block_n, HAS_VISIBLE=visible is not None, HW=hw,
+        num_warps=8 if hw else 4,
+    )
+    return out

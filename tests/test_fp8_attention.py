@@ -1,0 +1,166 @@
+"""FP8 attention over an FP8 KV cache: the reference's math against an independent one-tile formula and exact
+float64 attention; the Triton kernel (interpreted on CPU, compiled on a GPU) against the reference; the cache
+and generator paths that use it."""
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from _interpreted import run_interpreted
+from longstream.model.attention import attention
+from longstream.model.kv_cache import KVCache
+from longstream.quant.fp8_attention import P_SCALE, fp8_attention_reference
+from longstream.quant.kv_storage import FP8KVStorage
+
+
+def filled_storage(b, h, frames, t, d, seed, k_scale=1.0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    store = FP8KVStorage(b, h, frames * t, d, torch.float32, device, tokens_per_frame=t)
+    per_frame = torch.logspace(-0.5, 0.5, frames).repeat_interleave(t)[:, None]  # frame scales differ
+    k = torch.randn(b, h, frames * t, d, generator=g) * k_scale * per_frame
+    v = torch.randn(b, h, frames * t, d, generator=g) / per_frame
+    store.write(torch.arange(frames * t, device=device), k.to(device), v.to(device))
+    return store, g
+
+
+def test_one_tile_reference_is_the_documented_formula():
+    """With one key tile the reference is: E4M3 queries (row scales), scores, p = exp(S - max), p * v_scale /
+    v_ref * 256 in E4M3, (p8 V8) * v_ref / 256 / sum p. Written out here without the online softmax."""
+    store, g = filled_storage(1, 2, 3, 10, 32, seed=0)
+    q = torch.randn(1, 2, 7, 32, generator=g)
+    got = fp8_attention_reference(q, store.k, store.k_scale, store.v, store.v_scale, 30, 10, block_n=64)
+    e4m3 = lambda x: x.clamp(-448, 448).to(torch.float8_e4m3fn).float()  # noqa: E731
+    q_scale = q.abs().amax(-1, keepdim=True) / 448
+    ks = store.k_scale.repeat_interleave(10, 2)
+    vs = store.v_scale.repeat_interleave(10, 2)
+    s = e4m3(q / q_scale) @ store.k.float().transpose(-1, -2) * q_scale * ks[:, :, None] / math.sqrt(32)
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    v_ref = vs.amax(-1)[..., None, None]
+    want = e4m3(p * vs[:, :, None] / v_ref * P_SCALE) @ store.v.float() * v_ref / P_SCALE / p.sum(-1, keepdim=True)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("logit_scale,bound", [(1.0, 0.06), (2.0, 0.1)])
+def test_reference_error_against_exact_attention_is_fp8_sized(logit_scale, bound):
+    """Relative error (Frobenius) against float64 attention over the same cached K/V: the E4M3 rounding of queries
+    and probabilities (measured 4.5% and 8.2%, nearly all from the queries; bf16 attention is ~10x closer)."""
+    store, g = filled_storage(1, 4, 6, 64, 128, seed=1, k_scale=logit_scale)
+    q = torch.randn(1, 4, 128, 128, generator=g) * logit_scale
+    got = fp8_attention_reference(q, store.k, store.k_scale, store.v, store.v_scale, 384, 64)
+    k, v = store.read(384)
+    exact = attention(q.double(), k.double(), v.double())
+    bf16 = attention(q.bfloat16(), k.bfloat16(), v.bfloat16()).double()
+    err = float((got.double() - exact).norm() / exact.norm())
+    assert float((bf16 - exact).norm() / exact.norm()) < err < bound
+
+
+def test_visible_slots_hide_their_keys():
+    store, g = filled_storage(1, 2, 4, 16, 32, seed=2)
+    q = torch.randn(1, 2, 20, 32, generator=g)
+    visible = torch.tensor([True, False, True, False])
+    got = fp8_attention_reference(q, store.k, store.k_scale, store.v, store.v_scale, 64, 16, visible, block_n=16)
+    kept = FP8KVStorage(1, 2, 32, 32, torch.float32, "cpu", tokens_per_frame=16)  # only the visible frames
+    for name in ("k", "v", "k_scale", "v_scale"):
+        full = getattr(store, name)
+        getattr(kept, name).copy_(full[:, :, [0, 2]] if name.endswith("scale") else
+                                  torch.cat([full[:, :, :16], full[:, :, 32:48]], dim=2))
+    want = fp8_attention_reference(q, kept.k, kept.k_scale, kept.v, kept.v_scale, 32, 16, block_n=16)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+KERNEL = r'''
+import torch
+from longstream.quant.fp8_attention import fp8_attention_reference
+from longstream.quant.kernels.fp8_attention import fp8_attention
+from longstream.quant.kv_storage import FP8KVStorage
+
+def check(b, h, sq, frames, t, d, length, visible, block_n, dtype, device, seed):
+    """Kernel against the reference (same key tile); returns the max error / max."""
+    g = torch.Generator().manual_seed(seed)
+    store = FP8KVStorage(b, h, frames * t, d, torch.float32, device, tokens_per_frame=t)
+    per_frame = torch.logspace(-1, 1, frames).repeat_interleave(t)[:, None]
+    k = torch.randn(b, h, frames * t, d, generator=g) * per_frame
+    v = torch.randn(b, h, frames * t, d, generator=g) / per_frame
+    store.write(torch.arange(frames * t, device=device), k.to(device), v.to(device))
+    q = (torch.randn(b, h, sq, d, generator=g) * 2).to(device, dtype)
+    vis = None if visible is None else torch.tensor(visible, device=device)
+    want = fp8_attention_reference(q.float(), store.k, store.k_scale, store.v, store.v_scale, length, t, vis,
+                                   block_n).float()
+    got = fp8_attention(q, store.k, store.k_scale, store.v, store.v_scale, length, t, vis)
+    assert got.shape == q.shape and got.dtype == dtype
+    return float((got.float() - want).abs().max() / want.abs().max())
+'''
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_fp8_attention_kernel_interpreted_equals_reference():
+    """float32 queries: equal up to summation order. Shapes: a key tail shorter than a tile, head size 48 (not a
+    power of two), queries not a multiple of the tile, a cache longer than `length`, hidden frame slots."""
+    result = run_interpreted(KERNEL + (
+        "print(check(2, 3, 70, 3, 21, 48, 63, None, 64, torch.float32, 'cpu', 0) < 1e-5);"
+        "print(check(1, 2, 64, 5, 32, 32, 128, None, 64, torch.float32, 'cpu', 1) < 1e-5);"
+        "print(check(1, 2, 50, 5, 20, 64, 100, [True, False, True, True, False], 64, torch.float32, 'cpu', 2) < 1e-5)"
+    ))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True", "True", "True"]
+
+
+@pytest.mark.gpu
+def test_fp8_attention_kernel_on_gpu_at_5b_shape():
+    """bf16 queries and output, hardware E4M3 casts and FP8 tensor cores, against the reference with the GPU's
+    128-key tile."""
+    namespace = {}
+    exec(KERNEL, namespace)
+    from longstream.quant.kernels.fp8_attention import GPU_BLOCK_N
+
+    check = namespace["check"]
+    assert check(1, 24, 7040, 32, 880, 128, 28160, None, GPU_BLOCK_N, torch.bfloat16, "cuda", 3) < 2e-2
+    assert check(1, 4, 100, 5, 64, 48, 300, [True, True, False, True, True], GPU_BLOCK_N, torch.bfloat16,
+                 "cuda", 4) < 2e-2
+
+
+def test_cache_with_fp8_attention_attends_from_the_codes():
+    """KVCache(attention='fp8') writes the chunk as the fp8 cache does and answers with the storage's FP8 attention,
+    including a key mask over frame slots."""
+    def cache(attention):
+        return KVCache(num_layers=1, batch=1, heads=2, head_dim=32, tokens_per_frame=8, latent_shape=(4, 2, 4),
+                       sink_frames=1, window_frames=4, storage="fp8", attention=attention)
+
+    g = torch.Generator().manual_seed(5)
+    fp8, plain = cache("fp8"), cache("bf16")
+    for c in (fp8, plain):
+        c.begin_chunk([0, 1], [True, False], [0.0, 1.0], chunk=0)
+    q, k, v = (torch.randn(1, 2, 16, 32, generator=g) for _ in range(3))
+    got = fp8.attend(0, q, k, v)
+    store = fp8.layers[0]
+    assert torch.equal(got, store.attend(q, 16))
+    exact = plain.attend(0, q, k, v)  # the same stored codes, dequantized, exact attention
+    assert 0 < float((got - exact).norm() / exact.norm()) < 0.06
+
+
+def test_fp8_attention_needs_the_fp8_cache():
+    with pytest.raises(ValueError, match="fp8 KV cache"):
+        KVCache(num_layers=1, batch=1, heads=1, head_dim=16, tokens_per_frame=2, latent_shape=(4, 2, 2),
+                sink_frames=1, window_frames=2, storage="dense", attention="fp8")
+
+
+def test_generator_with_fp8_attention_stays_near_bf16_attention():
+    """A tiny model streamed 4 chunks (window full, sink) over the fp8 cache: FP8 attention against SDPA over the same
+    cache, latents within the FP8 rounding of queries and probabilities."""
+    from longstream.config import get_preset
+    from longstream.model.transformer import CausalWanTransformer
+    from longstream.pipeline.stream import ShotPlan, StreamingGenerator
+
+    preset = get_preset("tiny")
+    torch.manual_seed(0)
+    model = CausalWanTransformer(preset.transformer).eval()
+    text = torch.randn(1, 8, preset.transformer.text_dim)
+    latents = {}
+    for mode in ("bf16", "fp8"):
+        gen = StreamingGenerator(model, preset.stream, preset.latent_size(), kv_storage="fp8", attention=mode)
+        chunks = gen.generate([ShotPlan(text, 4)], generator=torch.Generator().manual_seed(1))
+        latents[mode] = torch.cat([c.latents for c in chunks], dim=2)
+    err = float((latents["fp8"] - latents["bf16"]).norm() / latents["bf16"].norm())
+    assert 0 < err < 5e-3, err  # measured 3.7e-4
