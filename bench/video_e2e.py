@@ -11,8 +11,8 @@ the timed video, and the number of frames the MP4 holds (read back with PyAV).
     python bench/video_e2e.py --preset wan2.2-ti2v-5b --seconds 64 --steps 4,2 --linear fp8 --json out.json
     python bench/video_e2e.py --preset tiny --seconds 2 --device cpu           # CPU smoke run
 
-JSON: settings (device, torch, preset, seconds, warmup_seconds, kv_cache, vae_dtype, async_decode) and `rows`,
-each with steps, linear, video_s, realtime_ratio, video_fps, first_frame_s, warmup_s, load_s, peak_memory_gib
+JSON: settings (device, torch, preset, seconds, warmup_seconds, kv_cache, attention, vae_dtype, async_decode) and
+`rows`, each with steps, linear, video_s, realtime_ratio, video_fps, first_frame_s, warmup_s, load_s, peak_memory_gib
 (null on a CPU), frames (expected) and mp4_frames (read back).
 """
 
@@ -95,6 +95,7 @@ def main() -> None:
     p.add_argument("--steps", default="4,2", help="comma list (default 4,2)")
     p.add_argument("--linear", default="fp8", help="comma list of bf16, fp8, nvfp4 (default fp8)")
     p.add_argument("--kv-cache", default="dense", choices=("dense", "fp8", "nvfp4"))
+    p.add_argument("--attention", default="bf16", choices=("bf16", "fp8"), help="fp8 needs --kv-cache fp8")
     p.add_argument("--vae-dtype", choices=("bf16", "fp32"), help="default: generate's (bf16 on CUDA)")
     p.add_argument("--async-decode", choices=("on", "off"), help="default: generate's (on for CUDA)")
     p.add_argument("--device", default="auto")
@@ -103,10 +104,12 @@ def main() -> None:
     device = resolve_device(a.device)
     async_decode = None if a.async_decode is None else a.async_decode == "on"
     base = GenerateRequest(output="", preset=a.preset, prompts=[a.prompt], device=str(device), progress=False,
-                           kv_cache=a.kv_cache, vae_dtype=a.vae_dtype, async_decode=async_decode)
+                           kv_cache=a.kv_cache, attention=a.attention, vae_dtype=a.vae_dtype,
+                           async_decode=async_decode)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "preset": a.preset, "seconds": a.seconds,
-              "warmup_seconds": a.warmup_seconds, "kv_cache": a.kv_cache, "vae_dtype": a.vae_dtype,
+              "warmup_seconds": a.warmup_seconds, "kv_cache": a.kv_cache, "attention": a.attention,
+              "vae_dtype": a.vae_dtype,
               "async_decode": a.async_decode, "rows": []}
     with tempfile.TemporaryDirectory() as folder:
         for steps, linear in itertools.product([int(s) for s in a.steps.split(",")], a.linear.split(",")):
@@ -116,7 +119,7 @@ def main() -> None:
                 Path(a.json).write_text(json.dumps(result, indent=1))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    print(f"\n{result['device']}  {a.preset}  {a.seconds:g} s video  KV {a.kv_cache}")
+    print(f"\n{result['device']}  {a.preset}  {a.seconds:g} s video  KV {a.kv_cache}  attention {a.attention}")
     print(format_rows(result["rows"]))
 
 
