@@ -315,6 +315,18 @@ def test_stream_warmup_trains_the_frames_after_it_as_diffusers_computes_them(war
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_draw_warm_trains_clip_starts_half_the_time():
+    from longstream.train.vae_objective import draw_warm
+
+    g = torch.Generator().manual_seed(0)
+    draws = torch.tensor([draw_warm(28, g) for _ in range(4000)])
+    assert 0.46 < float((draws == 0).float().mean()) < 0.54
+    deep = draws[draws > 0]
+    assert int(deep.min()) == 1 and int(deep.max()) == 28
+    assert float(deep.float().mean()) == pytest.approx(14.5, abs=0.6)  # uniform over 1..28
+    assert {draw_warm(0, g) for _ in range(50)} == {0}
+
+
 def test_stream_warmup_must_leave_a_frame_to_train(tmp_path):
     from longstream.train.vae_objective import vae_loss
 

@@ -110,7 +110,7 @@ class TrainConfig:
     object_weight: float = 0.0  # vae: extra loss weight of the object's pixels (see vae_objective.vae_loss)
     crop: int = 0  # vae: train on random crop x crop windows of the rendered frames (0: whole frames)
     vae_width: int = 0  # vae, without init: the VAE's base channel count (0: the preset VAE's)
-    stream_warmup: int = 0  # vae: up to this many leading latent frames run without gradient (vae_objective.py)
+    stream_warmup: int = 0  # vae: up to this many leading latent frames run without gradient (draw_warm)
     max_seconds: float = 0.0  # stop (with a checkpoint) after this much training time; 0: no limit
     save_every: int = 500
     log_every: int = 10
@@ -586,9 +586,9 @@ class VAETrainer(Trainer):
                 for micro in range(self.cfg.grad_accum)]
 
     def loss(self, video: torch.Tensor, text: None, generator: torch.Generator) -> torch.Tensor:
-        from .vae_objective import vae_loss
+        from .vae_objective import draw_warm, vae_loss
 
-        warm = int(torch.randint(self.cfg.stream_warmup + 1, (), generator=generator))
+        warm = draw_warm(self.cfg.stream_warmup, generator)
         return vae_loss(self.model, video, kl_weight=self.cfg.kl_weight, object_weight=self.cfg.object_weight,
                         warm=warm)
 

@@ -9,10 +9,12 @@ trained unstably at small scale; generation only ever decodes the mean's model-s
 random crops of the rendered ones: the VAE is convolutional, and crops keep the object scale at a lower cost.
 
 A clip's first latent frames may stream through the encoder and the decoder without gradient and outside the
-loss (`warm`, drawn per step from 0..`stream_warmup`): the frames trained then sit that deep in the stream,
-past the clip start, where the causal convolutions' cached state is what long streaming decode runs in. (A VAE
-trained only on clip starts drifts at depth: measured on a 33-frame-trained one, frames decode with 3x the
-error after latent frame ~10 on a still scene, both halves to blame.)
+loss (`warm`, `draw_warm`: 0 on half the steps, else from 1..`stream_warmup`): the frames trained then sit that
+deep in the stream, past the clip start, where the causal convolutions' cached state is what long streaming
+decode runs in. (A VAE trained only on clip starts drifts at depth: measured on a 33-frame-trained one, frames
+decode with 3x the error after latent frame ~10 on a still scene, both halves to blame. One trained with warm
+uniform in 0..28 had the opposite problem: its clip starts, trained on few steps, decoded with 2x the error of
+its deep frames.)
 
 The object covers ~4% of a frame, so a plain mean lets the background dominate and the object decodes as a grey
 blob: `object_weight` w weighs each pixel of the object (further than `OBJECT_THRESHOLD` from its frame's median
@@ -33,6 +35,14 @@ from .video_source import clip_seed
 from .world import sample_clip
 
 OBJECT_THRESHOLD = 0.1  # |pixel - frame median| summed over RGB, in [-1, 1] units
+
+
+def draw_warm(stream_warmup: int, generator: torch.Generator) -> int:
+    """Leading latent frames a step streams without gradient: 0 (the clip start) on half the steps, else uniform
+    in 1..stream_warmup (always 0 when stream_warmup is 0)."""
+    if stream_warmup == 0 or float(torch.rand((), generator=generator)) < 0.5:
+        return 0
+    return int(torch.randint(1, stream_warmup + 1, (), generator=generator))
 
 
 def world_videos(seed: int, step: int, micro: int, batch: int, frames: int, size: int, crop: int = 0
