@@ -5,7 +5,8 @@ frames), bf16. Every variant decodes the same latents: one video-start chunk, on
 timed ones. Variants are the cross product of
   --layers: `plain` (diffusers' classes), `fast` (`accelerate`, eager), `fused` (`accelerate`, its norm + SiLU
     compiled: `longstream.fused`), `fused-cl` (the same with `accelerate(channels_last=True)`), `fused-cl-3x3`
-    (fused-cl with the upsamplers' 3x3 conv on the upsampled image, not `SubPixelUpConv`);
+    (fused-cl with the upsamplers' 3x3 conv on the upsampled image, not `SubPixelUpConv`), `fused-cl-nofold`
+    (fused-cl with cuDNN adding the residual blocks' conv biases, not `FastResidualBlock`'s folded ones);
   --frames-per-call: latent frames per decoder call (`StreamingDecoder`);
   --cudnn-benchmark: off / on (cuDNN picks the fastest algorithm per shape on first use).
 Reports seconds per chunk, video FPS, TFLOP/s (convolution FLOPs of diffusers' layers, counted once with torch's
@@ -13,7 +14,8 @@ FlopCounterMode: sub-pixel rows do fewer),
 the output's max difference from the first variant, and the top GPU kernels of the last variant. Each variant
 builds the VAE afresh from the same seed.
 
-    python bench/vae_decode.py [--layers plain,fast,fused,fused-cl,fused-cl-3x3] [--frames-per-call 4] [--cudnn-benchmark off,on]
+    python bench/vae_decode.py [--layers plain,fast,fused,fused-cl,fused-cl-3x3,fused-cl-nofold]
+        [--frames-per-call 4] [--cudnn-benchmark off,on]
         [--chunks 3] [--base-dim N] [--json out.json]
 """
 
@@ -32,9 +34,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from longstream.config import get_preset
 from longstream.vae import StreamingDecoder, build_vae
 from longstream.fused import fusion
-from longstream.vae.fast import accelerate
+from longstream.vae.fast import FastResidualBlock, accelerate
 
-LAYERS = ("plain", "fast", "fused", "fused-cl", "fused-cl-3x3")
+LAYERS = ("plain", "fast", "fused", "fused-cl", "fused-cl-3x3", "fused-cl-nofold")
 
 
 def sync() -> None:
@@ -48,7 +50,12 @@ def build(kind: str, layers: str, dtype: torch.dtype, device: torch.device, base
     vae = build_vae(kind, dtype=dtype, device=device, seed=0, **width)
     if layers == "plain" or device == "meta":
         return vae
-    return accelerate(vae, channels_last=layers.startswith("fused-cl"), sub_pixel=layers != "fused-cl-3x3")
+    accelerate(vae, channels_last=layers.startswith("fused-cl"), sub_pixel=layers != "fused-cl-3x3")
+    if layers == "fused-cl-nofold":
+        for block in vae.modules():
+            if isinstance(block, FastResidualBlock):
+                block.fold_bias = False
+    return vae
 
 
 def decode_chunks(decoder: StreamingDecoder, chunks: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -40,7 +40,8 @@ def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, fullgraph=True)
 
 
-def _wants_compiled(x: torch.Tensor) -> bool:
+def compiles(x: torch.Tensor) -> bool:
+    """Whether `run(fn, x, ...)` takes the compiled path."""
     # inside an outer torch.compile (bench e2e --compile), the eager twin is traced into the outer graph
     return (_ENABLED[0] and x.device.type in COMPILED_DEVICES and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling())
@@ -49,7 +50,7 @@ def _wants_compiled(x: torch.Tensor) -> bool:
 def run(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args) -> torch.Tensor:
     """`fn(x, *args)`, compiled when x is on CUDA, fusion is on and no gradient is being recorded. If compiling
     fails (no Triton or C compiler here, say), it warns once and runs `fn` eagerly from then on."""
-    if _wants_compiled(x) and fn not in _FAILED:
+    if compiles(x) and fn not in _FAILED:
         try:
             with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
                 return _compiled(fn)(x, *args)

@@ -6,6 +6,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
     DupUp3D,
     WanCausalConv3d,
     WanResample,
+    WanResidualBlock,
     WanRMS_norm,
     WanUpsample,
 )
@@ -16,6 +17,7 @@ from longstream.vae.checkpoints import load_vae, save_vae
 from longstream.vae.fast import (
     FastCausalConv3d,
     FastDupUp3D,
+    FastResidualBlock,
     FastRMSNorm,
     SubPixelUpConv,
     accelerate,
@@ -79,15 +81,20 @@ def test_accelerated_layers_keep_gradients():
 
 
 @pytest.mark.parametrize("kind,z_dim", [("test-wan2.1", 16), ("test-wan2.2", 48)])
-def test_channels_last_streaming_decode_equals_diffusers(kind, z_dim, monkeypatch):
-    """Fast layers with channels-last weights, streamed in 2 chunks: float64 equal to diffusers' whole decode."""
+@pytest.mark.parametrize("fold_bias", [False, True])
+def test_channels_last_streaming_decode_equals_diffusers(kind, z_dim, fold_bias, monkeypatch):
+    """Fast layers with channels-last weights, streamed in 2 chunks: float64 equal to diffusers' whole decode, also
+    with the residual blocks' conv biases folded into the next norm and the residual add (CUDA's path)."""
     # diffusers upsamples in float32 (x.float()); the reference here keeps float64 throughout
     monkeypatch.setattr(WanUpsample, "forward", torch.nn.Upsample.forward)
+    monkeypatch.setattr(FastResidualBlock, "fold_bias", fold_bias)
     vae = build_vae(kind, seed=5, dtype=torch.float64)
+    assert all(m.conv2.bias.abs().max() > 0 for m in vae.modules() if type(m) is WanResidualBlock)
     z = torch.randn(1, z_dim, 9, 4, 6, dtype=torch.float64)
     with torch.no_grad():
         ref = vae.decode(z).sample
         accelerate(vae, channels_last=True)
+        assert any(type(m) is FastResidualBlock for m in vae.decoder.modules())
         assert memory_format(vae) == torch.channels_last_3d
         decoder = StreamingDecoder(vae, frames_per_call=4)
         out = torch.cat([decoder.decode(z[:, :, :3]), decoder.decode(z[:, :, 3:])], dim=2)

@@ -18,7 +18,8 @@ heads (folded into the norm: the owner's `nonlinearity` becomes Identity), run a
 (`longstream.fused`); the causal convs pad space inside the convolution instead of copying the input padded;
 `FastDupUp3D` keeps channels-last activations channels-last, and `SubPixelUpConv` runs the decoder's 2x nearest
 upsample + 3x3 conv as four 2x2 convs on the small image (2.25x fewer FLOPs in those layers, ~7.5% of the Wan2.2
-decoder's, and no upsampled copy in float32).
+decoder's, and no upsampled copy in float32). `FastResidualBlock` adds the convs' biases inside the compiled norm
+and residual add instead of cuDNN's separate, strided bias pass.
 
 Parameters and state dict are unchanged (the new classes subclass diffusers' ones), so `accelerate` can be
 applied to any loaded VAE, once. The convolution takes cuDNN's path for non-CPU or non-float32 tensors; the
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import (
+    CACHE_T,
     DupUp3D,
     WanCausalConv3d,
     WanDecoder3d,
@@ -45,9 +47,12 @@ from .. import fused
 
 
 def channel_rms_norm(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | float, scale: float,
-                     silu: bool) -> torch.Tensor:
-    """WanRMS_norm over dim 1 (x * rsqrt(sum x^2) * scale * gamma + bias, F.normalize's eps), then SiLU if asked."""
+                     silu: bool, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """WanRMS_norm over dim 1 (x * rsqrt(sum x^2) * scale * gamma + bias, F.normalize's eps), then SiLU if asked;
+    `shift` (per channel) is added to x first: the bias of the convolution before, folded in."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))  # at least float32
+    if shift is not None:
+        xf = xf + shift.view(1, -1, *(1,) * (x.dim() - 2))
     inv = torch.rsqrt((xf * xf).sum(dim=1, keepdim=True).clamp_min(1e-24))  # F.normalize's eps 1e-12, squared
     y = (xf * inv).to(x.dtype) * scale * gamma + bias
     return F.silu(y) if silu else y
@@ -56,11 +61,13 @@ def channel_rms_norm(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | 
 class FastRMSNorm(WanRMS_norm):
     then_silu = False  # set on instances whose SiLU `accelerate` folded in
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
         if not self.channel_first:
+            if shift is not None:
+                raise ValueError("a folded conv bias needs a channel-first norm")
             y = super().forward(x)
             return F.silu(y) if self.then_silu else y
-        return fused.run(channel_rms_norm, x, self.gamma, self.bias, self.scale, self.then_silu)
+        return fused.run(channel_rms_norm, x, self.gamma, self.bias, self.scale, self.then_silu, shift)
 
 
 def _channels_last(x: torch.Tensor) -> bool:
@@ -70,7 +77,9 @@ def _channels_last(x: torch.Tensor) -> bool:
 
 
 class FastCausalConv3d(WanCausalConv3d):
-    def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None, with_bias: bool = True) -> torch.Tensor:
+        """diffusers' causal conv; `with_bias=False` leaves the bias out (`FastResidualBlock` adds it later)."""
+        bias = self.bias if with_bias else None
         # Time: cached frames, then zeros, in front (as diffusers). Space: the convolution's own zero padding,
         # instead of diffusers' padded copy of the whole input.
         time_pad = self._padding[4]
@@ -82,12 +91,54 @@ class FastCausalConv3d(WanCausalConv3d):
         padding = [0, self._padding[2], self._padding[0]]
         if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
             return torch.ops.aten.mkldnn_convolution(
-                x.contiguous(), self.weight.contiguous(), self.bias, padding, list(self.stride),
-                list(self.dilation), self.groups,
+                x.contiguous(), self.weight.contiguous(), bias, padding, list(self.stride), list(self.dilation),
+                self.groups,
             )
         if _channels_last(self.weight):
             x = x.contiguous(memory_format=torch.channels_last_3d)  # layers like attention return NCDHW
-        return F.conv3d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+        return F.conv3d(x, self.weight, bias, self.stride, padding, self.dilation, self.groups)
+
+
+def add_bias_residual(y: torch.Tensor, bias: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return y + bias.view(1, -1, *(1,) * (y.dim() - 2)) + h
+
+
+def _cached_conv(conv: FastCausalConv3d, x: torch.Tensor, feat_cache: list | None, feat_idx: list[int],
+                 with_bias: bool) -> torch.Tensor:
+    """A residual block's causal conv with diffusers' cache protocol: the conv reads the cached last frames of the
+    previous call's input, and this call's last CACHE_T frames (with the cached one before a single frame) are
+    cached for the next."""
+    if feat_cache is None:
+        return conv(x, with_bias=with_bias)
+    idx = feat_idx[0]
+    cache_x = x[:, :, -CACHE_T:].clone()
+    if cache_x.shape[2] < CACHE_T and feat_cache[idx] is not None:
+        cache_x = torch.cat([feat_cache[idx][:, :, -1:].to(cache_x.device), cache_x], dim=2)
+    out = conv(x, feat_cache[idx], with_bias=with_bias)
+    feat_cache[idx] = cache_x
+    feat_idx[0] += 1
+    return out
+
+
+class FastResidualBlock(WanResidualBlock):
+    """diffusers' residual block where the norms and causal convs are the fast twins. On the compiled path (CUDA
+    inference) conv1's bias goes into norm2's kernel and conv2's into the residual add, one kernel: cuDNN's own
+    bias add is a separate strided pass on channels-last outputs (~10% of a 1280x704 decode, bench/RESULTS.md).
+    `fold_bias` forces the choice (None: fold where `fused` compiles)."""
+
+    fold_bias: bool | None = None
+
+    def forward(self, x: torch.Tensor, feat_cache: list | None = None, feat_idx: list[int] = [0]) -> torch.Tensor:  # noqa: B006  diffusers' signature
+        fold = fused.compiles(x) if self.fold_bias is None else self.fold_bias
+        h = self.conv_shortcut(x)
+        x = self.nonlinearity(self.norm1(x))
+        x = _cached_conv(self.conv1, x, feat_cache, feat_idx, with_bias=not fold)
+        x = self.norm2(x, self.conv1.bias) if fold else self.norm2(x)
+        x = self.dropout(self.nonlinearity(x))
+        x = _cached_conv(self.conv2, x, feat_cache, feat_idx, with_bias=not fold)
+        if fold:
+            return fused.run(add_bias_residual, x, self.conv2.bias, h)
+        return x + h
 
 
 class FastDupUp3D(DupUp3D):
@@ -159,8 +210,9 @@ def _is_upsample_body(module: torch.nn.Module) -> bool:
 
 def accelerate(vae: AutoencoderKLWan, *, channels_last: bool = False,
                sub_pixel: bool = True) -> AutoencoderKLWan:
-    """Swap the VAE's RMS norms, causal convs, DupUp3D and (with `sub_pixel`) its upsamplers' upsample + conv for
-    the faster twins above and fold the SiLU that follows a norm into it (in place); returns `vae`.
+    """Swap the VAE's RMS norms, causal convs, residual blocks, DupUp3D and (with `sub_pixel`) its upsamplers'
+    upsample + conv for the faster twins above and fold the SiLU that follows a norm into it (in place); returns
+    `vae`.
 
     `channels_last=True` also stores the conv weights channels-last (NDHWC / NHWC), the layout cuDNN's bf16
     tensor-core convolutions run in without transposing; `StreamingDecoder` then feeds the decoder the same
@@ -182,6 +234,9 @@ def accelerate(vae: AutoencoderKLWan, *, channels_last: bool = False,
             for name in names:
                 getattr(module, name).then_silu = True
             module.nonlinearity = torch.nn.Identity()
+    for module in vae.modules():  # after the SiLU fold, which matches diffusers' class
+        if type(module) is WanResidualBlock and module.conv1.bias is not None and module.conv2.bias is not None:
+            module.__class__ = FastResidualBlock
     if channels_last:
         for module in vae.modules():
             if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
