@@ -97,7 +97,7 @@ def test_a_failed_compilation_falls_back_to_eager_with_one_warning(monkeypatch):
         return call
 
     monkeypatch.setattr(fused, "_compiled", broken)
-    monkeypatch.setattr(fused, "_wants_compiled", lambda x: True)
+    monkeypatch.setattr(fused, "compiles", lambda x: True)
     monkeypatch.setattr(fused, "_FAILED", set())
     a = _inputs("cpu", torch.float32)
     with pytest.warns(UserWarning, match="compiling gated_residual failed \\(no C compiler\\)"):
