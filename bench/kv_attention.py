@@ -4,9 +4,9 @@ Default shape = the 5B preset at a full window: 7040 queries (8 latent frames x 
 (32 frames), 24 heads of 128. Quantized caches are dequantized into the compute dtype (NVFP4 with the Triton
 kernel `quant/kernels/kv_dequant.py`) and then go through the fastest SDPA backend measured for bf16. The row
 `nvfp4-fused` instead attends straight from the NVFP4 cache, decoding K and V tiles in registers
-(`quant/kernels/kv_attention.py`); the faster of the two NVFP4 paths is the one to keep. The row `fp8-attention`
-attends from the FP8 cache with both matmuls in FP8 (`quant/kernels/fp8_attention.py`: E4M3 queries and
-probabilities too), against the bf16 SDPA's time and output.
+(`quant/kernels/kv_attention.py`); the faster of the two NVFP4 paths is the one to keep. The rows `fp8-attn
+BMxBNxWARPSxSTAGES` attend from the FP8 cache with both matmuls in FP8 (`quant/kernels/fp8_attention.py`: E4M3
+queries and probabilities too), one row per launch setting of `--fp8-configs`.
 
     python bench/kv_attention.py [--out results.json]
 """
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from longstream.model.kv_cache import DenseKVStorage
+from longstream.quant.kernels.fp8_attention import fp8_attention
 from longstream.quant.kernels.kv_attention import nvfp4_kv_attention
 from longstream.quant.kv_storage import FP8KVStorage, NVFP4KVStorage
 
@@ -44,6 +45,8 @@ def main() -> None:
     p.add_argument("--tokens-per-frame", type=int, default=880)
     p.add_argument("--heads", type=int, default=24)
     p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--fp8-configs", default="128x128x8x2,128x64x4x3,128x64x8x3,64x128x4x3",
+                   help="FP8 attention launch settings, BLOCK_MxBLOCK_NxWARPSxSTAGES, comma list")
     p.add_argument("--out", default="bench/results/kv_attention.json")
     a = p.parse_args()
     dev = torch.device("cuda")
@@ -99,10 +102,18 @@ def main() -> None:
                      tflops=flops / total / 1e9, rel_err_vs_bf16=((out - reference).norm() / reference.norm()).item()))
 
     fp8 = stores["fp8"]
-    out = fp8.attend(q, keys).float()
-    total = median_ms(lambda: fp8.attend(q, keys))
-    rows.append(dict(kv="fp8-attention", total_ms=total, dequant_ms=None, kv_bytes=fp8.nbytes(),
-                     tflops=flops / total / 1e9, rel_err_vs_bf16=((out - reference).norm() / reference.norm()).item()))
+    for config in a.fp8_configs.split(","):
+        bm, bn, warps, stages = (int(x) for x in config.split("x"))
+
+        def attend():
+            return fp8_attention(q, fp8.k, fp8.k_scale, fp8.v, fp8.v_scale, keys, a.tokens_per_frame, block_m=bm,
+                                 block_n=bn, num_warps=warps, num_stages=stages)
+
+        out = attend().float()
+        total = median_ms(attend)
+        rows.append(dict(kv=f"fp8-attn {config}", total_ms=total, dequant_ms=None, kv_bytes=fp8.nbytes(),
+                         tflops=flops / total / 1e9,
+                         rel_err_vs_bf16=((out - reference).norm() / reference.norm()).item()))
 
     base = rows[0]
     for r in rows:
@@ -113,11 +124,11 @@ def main() -> None:
                   sdpa_backend_ms=backend_ms, sdpa_backend=best, rows=rows)
     print(f"{result['device']}  q={a.queries} k={keys} heads={a.heads}x{a.head_dim}  SDPA backend: {best}")
     print("SDPA bf16 by backend (ms): " + ", ".join(f"{n} {m:.3f}" if m else f"{n} n/a" for n, m in backend_ms.items()))
-    print(f"{'kv':13s} {'total ms':>9s} {'dequant ms':>10s} {'TFLOP/s':>8s} {'time/bf16':>9s} {'KV MB':>8s} "
+    print(f"{'kv':22s} {'total ms':>9s} {'dequant ms':>10s} {'TFLOP/s':>8s} {'time/bf16':>9s} {'KV MB':>8s} "
           f"{'mem x':>6s} {'rel err':>8s}")
     for r in rows:
         dequant = "-" if r["dequant_ms"] is None else f"{r['dequant_ms']:.3f}"
-        print(f"{r['kv']:13s} {r['total_ms']:9.3f} {dequant:>10s} {r['tflops']:8.1f} {r['time_vs_bf16']:9.3f} "
+        print(f"{r['kv']:22s} {r['total_ms']:9.3f} {dequant:>10s} {r['tflops']:8.1f} {r['time_vs_bf16']:9.3f} "
               f"{r['kv_bytes'] / 2**20:8.1f} {r['memory_vs_bf16']:6.2f} {r['rel_err_vs_bf16']:8.4f}")
     out_path = Path(a.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -113,11 +113,11 @@ def test_fp8_attention_kernel_on_gpu_at_5b_shape():
     128-key tile."""
     namespace = {}
     exec(KERNEL, namespace)
-    from longstream.quant.kernels.fp8_attention import GPU_BLOCK_N
+    from longstream.quant.kernels.fp8_attention import GPU_CONFIG
 
-    check = namespace["check"]
-    assert check(1, 24, 7040, 32, 880, 128, 28160, None, GPU_BLOCK_N, torch.bfloat16, "cuda", 3) < 2e-2
-    assert check(1, 4, 100, 5, 64, 48, 300, [True, True, False, True, True], GPU_BLOCK_N, torch.bfloat16,
+    check, block_n = namespace["check"], GPU_CONFIG["block_n"]
+    assert check(1, 24, 7040, 32, 880, 128, 28160, None, block_n, torch.bfloat16, "cuda", 3) < 2e-2
+    assert check(1, 4, 100, 5, 64, 48, 300, [True, True, False, True, True], block_n, torch.bfloat16,
                  "cuda", 4) < 2e-2
 
 

@@ -24,8 +24,7 @@ from .fp8_quant import E4M3_MAX, _e4m3_code
 
 P_SCALE = tl.constexpr(reference.P_SCALE)
 
-GPU_BLOCK_M = 128
-GPU_BLOCK_N = 128
+GPU_CONFIG = dict(block_m=128, block_n=128, num_warps=8, num_stages=2)  # untuned first guess
 
 
 @triton.jit
@@ -48,9 +47,51 @@ def _to_e4m3(x, HW: tl.constexpr):
 
 
 @triton.jit
-def _fp8_attention_kernel(q_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, vis_ptr, out_ptr, sq, length, s_alloc, slots,
-                          tokens_per_frame, sm_scale, D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
-                          BN: tl.constexpr, HAS_VISIBLE: tl.constexpr, HW: tl.constexpr):
+def _key_tile(q8, k_ptr, ks_ptr, v_ptr, vs_ptr, vis_ptr, bh, start, length, s_alloc, slots, tokens_per_frame, d,
+              score_scale, row_max, row_sum, acc, D: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr,
+              HAS_VISIBLE: tl.constexpr, HW: tl.constexpr):
+    """One BN-key step of the online softmax; MASKED for the tail tile and hidden slots."""
+    t = start + tl.arange(0, BN)
+    slot = t // tokens_per_frame
+    offsets = (bh * s_alloc + t)[:, None] * D + d[None, :]
+    if MASKED:
+        ok = t < length
+        if HAS_VISIBLE:
+            ok = ok & (tl.load(vis_ptr + slot, mask=ok, other=0) != 0)
+        kv_ok = ok[:, None] & (d < D)[None, :]
+        k_codes = tl.load(k_ptr + offsets, mask=kv_ok, other=0)
+        v_codes = tl.load(v_ptr + offsets, mask=kv_ok, other=0)
+        k_scale = tl.load(ks_ptr + bh * slots + slot, mask=ok, other=0.0)
+        v_scale = tl.load(vs_ptr + bh * slots + slot, mask=ok, other=0.0)
+    else:
+        k_codes = tl.load(k_ptr + offsets)
+        v_codes = tl.load(v_ptr + offsets)
+        k_scale = tl.load(ks_ptr + bh * slots + slot)
+        v_scale = tl.load(vs_ptr + bh * slots + slot)
+    if HW:
+        k8 = k_codes.to(tl.float8e4nv, bitcast=True)
+        v8 = v_codes.to(tl.float8e4nv, bitcast=True)
+    else:
+        k8 = _e4m3_value(k_codes)
+        v8 = _e4m3_value(v_codes)
+    s = tl.dot(q8, tl.trans(k8)) * score_scale[:, None] * k_scale[None, :]
+    if MASKED:
+        s = tl.where(ok[None, :], s, float("-inf"))
+    new_max = tl.maximum(row_max, tl.max(s, axis=1))
+    safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+    p = tl.exp2(s - safe[:, None])
+    correction = tl.exp2(row_max - safe)
+    v_ref = tl.maximum(tl.max(v_scale, axis=0), 1e-30)
+    p8 = _to_e4m3(p * (v_scale * (P_SCALE / v_ref))[None, :], HW)
+    acc = acc * correction[:, None] + tl.dot(p8, v8) * (v_ref / P_SCALE)
+    row_sum = row_sum * correction + tl.sum(p, axis=1)
+    return new_max, row_sum, acc
+
+
+@triton.jit
+def _fp8_attention_kernel(q_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, vis_ptr, out_ptr, sq, length, s_alloc,
+                          slots, tokens_per_frame, score_factor, D: tl.constexpr, DP: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr, HAS_VISIBLE: tl.constexpr, HW: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     m = tl.program_id(1) * BM + tl.arange(0, BM)
     d = tl.arange(0, DP)
@@ -58,48 +99,32 @@ def _fp8_attention_kernel(q_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, vis_ptr, out_ptr,
     q = tl.load(q_ptr + (bh * sq + m)[:, None] * D + d[None, :], mask=q_ok, other=0.0).to(tl.float32)
     q_scale = tl.maximum(tl.max(tl.abs(q), axis=1), 1e-12) / E4M3_MAX
     q8 = _to_e4m3(tl.minimum(tl.maximum(q / q_scale[:, None], -E4M3_MAX), E4M3_MAX), HW)
-    score_scale = q_scale * sm_scale
+    score_scale = q_scale * score_factor  # log2(e) / sqrt(D) folded in
     row_max = tl.full((BM,), float("-inf"), tl.float32)
     row_sum = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, DP), tl.float32)
-    for start in range(0, length, BN):
-        t = start + tl.arange(0, BN)
-        ok = t < length
-        slot = t // tokens_per_frame
-        if HAS_VISIBLE:
-            ok = ok & (tl.load(vis_ptr + slot, mask=ok, other=0) != 0)
-        kv_ok = ok[:, None] & (d < D)[None, :]
-        offsets = (bh * s_alloc + t)[:, None] * D + d[None, :]
-        k_codes = tl.load(k_ptr + offsets, mask=kv_ok, other=0)
-        v_codes = tl.load(v_ptr + offsets, mask=kv_ok, other=0)
-        if HW:
-            k8 = k_codes.to(tl.float8e4nv, bitcast=True)
-            v8 = v_codes.to(tl.float8e4nv, bitcast=True)
-        else:
-            k8 = _e4m3_value(k_codes)
-            v8 = _e4m3_value(v_codes)
-        k_scale = tl.load(ks_ptr + bh * slots + slot, mask=ok, other=0.0)
-        v_scale = tl.load(vs_ptr + bh * slots + slot, mask=ok, other=0.0)
-        s = tl.dot(q8, tl.trans(k8)) * score_scale[:, None] * k_scale[None, :]
-        s = tl.where(ok[None, :], s, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(s, axis=1))
-        safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-        p = tl.exp(s - safe[:, None])
-        correction = tl.exp(row_max - safe)
-        v_ref = tl.maximum(tl.max(v_scale, axis=0), 1e-30)
-        p8 = _to_e4m3(p * (v_scale * (P_SCALE / v_ref))[None, :], HW)
-        acc = acc * correction[:, None] + tl.dot(p8, v8) * (v_ref / P_SCALE)
-        row_sum = row_sum * correction + tl.sum(p, axis=1)
-        row_max = new_max
+    full = (length // BN) * BN  # keys of the tiles that need no mask
+    if HAS_VISIBLE or D != DP:
+        full = 0
+    for start in range(0, full, BN):
+        row_max, row_sum, acc = _key_tile(q8, k_ptr, ks_ptr, v_ptr, vs_ptr, vis_ptr, bh, start, length, s_alloc,
+                                          slots, tokens_per_frame, d, score_scale, row_max, row_sum, acc,
+                                          D, BN, False, HAS_VISIBLE, HW)
+    for start in range(full, length, BN):
+        row_max, row_sum, acc = _key_tile(q8, k_ptr, ks_ptr, v_ptr, vs_ptr, vis_ptr, bh, start, length, s_alloc,
+                                          slots, tokens_per_frame, d, score_scale, row_max, row_sum, acc,
+                                          D, BN, True, HAS_VISIBLE, HW)
     out = acc / row_sum[:, None]
     tl.store(out_ptr + (bh * sq + m)[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=q_ok)
 
 
 def fp8_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, v_codes: torch.Tensor,
-                  v_scale: torch.Tensor, length: int, tokens_per_frame: int,
-                  visible: torch.Tensor | None = None) -> torch.Tensor:
+                  v_scale: torch.Tensor, length: int, tokens_per_frame: int, visible: torch.Tensor | None = None,
+                  *, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                  num_stages: int | None = None) -> torch.Tensor:
     """q [B, H, Sq, D]; codes [B, H, S, D] (E4M3 or their uint8 view), scales [B, H, S / T] float32, `visible`
-    [S / T] bool or None: the arguments of `fp8_attention_reference`. Returns [B, H, Sq, D] in q's dtype."""
+    [S / T] bool or None: the arguments of `fp8_attention_reference`. Returns [B, H, Sq, D] in q's dtype. Tiles
+    and launch settings default to GPU_CONFIG (the interpreter: 64 x reference.BLOCK_N)."""
     patch_interpreter()
     b, h, sq, d = q.shape
     if k_codes.shape[-1] != d or not 1 <= length <= k_codes.shape[2]:
@@ -107,15 +132,17 @@ def fp8_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor,
     hw = not interpreting()
     if hw and torch.cuda.get_device_capability(q.device) < (8, 9):
         raise RuntimeError("FP8 attention needs E4M3 tensor cores (compute capability 8.9 or newer)")
-    block_m, block_n = (GPU_BLOCK_M, GPU_BLOCK_N) if hw else (64, reference.BLOCK_N)
+    cfg = dict(GPU_CONFIG) if hw else dict(block_m=64, block_n=reference.BLOCK_N, num_warps=4, num_stages=1)
+    given = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    cfg.update({k: v for k, v in given.items() if v is not None})
     q = q.contiguous()
     out = torch.empty_like(q)
     vis = visible.to(device=q.device, dtype=torch.uint8) if visible is not None else k_scale
-    grid = (b * h, triton.cdiv(sq, block_m))
+    grid = (b * h, triton.cdiv(sq, cfg["block_m"]))
     _fp8_attention_kernel[grid](
         q, k_codes.view(torch.uint8), k_scale, v_codes.view(torch.uint8), v_scale, vis, out, sq, length,
-        k_codes.shape[2], k_scale.shape[-1], tokens_per_frame, 1.0 / math.sqrt(d), D=d,
-        DP=max(16, triton.next_power_of_2(d)), BM=block_m, BN=block_n, HAS_VISIBLE=visible is not None, HW=hw,
-        num_warps=8 if hw else 4,
+        k_codes.shape[2], k_scale.shape[-1], tokens_per_frame, reference.LOG2E / math.sqrt(d), D=d,
+        DP=max(16, triton.next_power_of_2(d)), BM=cfg["block_m"], BN=cfg["block_n"],
+        HAS_VISIBLE=visible is not None, HW=hw, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
