@@ -64,6 +64,8 @@ def load_diffusers_vae(path: str | Path, device: torch.device | str = "cpu", dty
     missing, unexpected and mis-shaped tensors are listed in one CheckpointError naming the folder."""
     from diffusers import AutoencoderKLWan
 
+    from ..vae.wan import cast_vae
+
     folder = component_dir(path, "vae")
     config = read_config(folder)
     kind = config.get("_class_name", VAE_CLASS)
@@ -77,6 +79,6 @@ def load_diffusers_vae(path: str | Path, device: torch.device | str = "cpu", dty
     state = read_weights(folder)
     check_state_dict(folder, state, vae.state_dict())
     vae.load_state_dict(state, strict=True, assign=True)
-    if dtype is not None and dtype != vae.dtype:  # diffusers warns on every dtype cast: skip the no-op one
-        vae = vae.to(dtype=dtype)
+    if dtype is not None:
+        vae = cast_vae(vae, dtype)
     return vae.to(device).eval()

@@ -145,7 +145,8 @@ def evaluate(evals: EvalSet, modes: list[str], *, preset_name: str = "embedded",
     for mode in modes:
         linear, kv = MODES[mode]
         req = with_embedded_weights(GenerateRequest(output="", preset=preset_name, prompts=["eval"],
-                                                    checkpoint=checkpoint, steps=steps, linear=linear, kv_cache=kv))
+                                                    checkpoint=checkpoint, steps=steps, linear=linear, kv_cache=kv,
+                                                    vae_dtype="fp32"))  # the scores' reference precision
         models = load_models(req, preset, dev)
         if "vae" not in rows:
             rows["vae"] = _rendered_row(evals, preset.height, frames, chunk_video, seed,

@@ -55,7 +55,7 @@ class GenerateRequest:
     vae: str | None = None  # diffusers VAE / pipeline folder or a longstream VAE file; default: see _vae
     offload_text_encoder: bool = False
     text_cache: str | None = None  # folder of cached prompt embeddings (umT5)
-    vae_dtype: str | None = None  # "bf16" or "fp32"; None: bf16 on CUDA (channels-last), fp32 elsewhere
+    vae_dtype: str | None = None  # "bf16" (channels-last on CUDA) or "fp32"; None: bf16 on CUDA, fp32 elsewhere
 
 
 def _shots(req: GenerateRequest) -> list[Shot]:
@@ -128,27 +128,27 @@ def _pipeline_folder(req: GenerateRequest) -> str | None:
 
 def _vae(req: GenerateRequest, preset: Preset, device: torch.device) -> AutoencoderKLWan:
     """--vae (a longstream VAE file, or a diffusers VAE / pipeline folder), else the pipeline folder's VAE, the
-    shipped one for the embedded preset, or random weights."""
+    shipped one for the embedded preset, or random weights; in --vae-dtype (default bf16 on CUDA, with
+    channels-last convolutions, fp32 elsewhere)."""
+    bf16 = (req.vae_dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
     source = req.vae or _pipeline_folder(req)
     if source and Path(source).is_file():
-        vae = load_vae(source, device=device)
+        vae = load_vae(source, device=device, dtype=dtype)
     elif source:
         from ..convert import load_diffusers_vae
 
-        vae = load_diffusers_vae(source, device=device, dtype=torch.float32)
+        vae = load_diffusers_vae(source, device=device, dtype=dtype)
     elif preset.name == "embedded":
         from .. import assets
 
-        vae = load_vae(assets.embedded_file(assets.VAE), device=device)
-    else:
-        vae = build_vae(preset.vae.kind, seed=0, device=device)  # the same random weights on every rank and run
+        vae = load_vae(assets.embedded_file(assets.VAE), device=device, dtype=dtype)
+    else:  # the same random weights on every rank and run
+        vae = build_vae(preset.vae.kind, seed=0, device=device, dtype=dtype)
     if vae.config.z_dim != preset.transformer.in_channels:
         raise UsageError(f"the VAE has {vae.config.z_dim} latent channels but preset {preset.name}'s transformer "
                          f"takes {preset.transformer.in_channels}")
-    cuda = device.type == "cuda"
-    if (req.vae_dtype or ("bf16" if cuda else "fp32")) == "bf16":
-        vae = vae.to(torch.bfloat16)
-    return accelerate(vae, channels_last=cuda)
+    return accelerate(vae, channels_last=bf16 and device.type == "cuda")
 
 
 def _text_encoder(req: GenerateRequest, preset: Preset, device: torch.device) -> TextEncoder:
@@ -206,6 +206,7 @@ class Generation:
     shots: list[ShotPlan]
     generator: StreamingGenerator
     decoder: StreamingDecoder
+    device: torch.device  # the transformer's
     decode_device: torch.device
     writes: bool  # False on sequence-parallel ranks other than 0
 
@@ -252,7 +253,7 @@ def prepare(req: GenerateRequest, models: Models | None = None) -> Generation:
     plans = [ShotPlan(models.encoder.encode([s.prompt]), n) for s, n in zip(shots, plan.chunks_per_shot)]
     generator = StreamingGenerator(models.transformer, stream, latent_hw, kv_storage=req.kv_cache,
                                    attention=req.attention, shard=shard)
-    return Generation(req, preset, out, plan, models, plans, generator, decoder, decode_device, writes)
+    return Generation(req, preset, out, plan, models, plans, generator, decoder, device, decode_device, writes)
 
 
 def write_video(gen: Generation, on_frames: Callable[[int], None] | None = None) -> Path:
@@ -286,7 +287,7 @@ def write_video(gen: Generation, on_frames: Callable[[int], None] | None = None)
             if on_frames is not None:
                 on_frames(len(frames))
 
-        use_async = req.async_decode if req.async_decode is not None else gen.decode_device.type == "cuda"
+        use_async = req.async_decode if req.async_decode is not None else gen.device.type == "cuda"
         decode = lambda latents: gen.decoder.decode(latents.float())  # noqa: E731  denormalized in fp32
         # two stages on worker threads: decode (on its own CUDA stream), then encode, each a chunk behind
         with AsyncDecoder(lambda frames: frames, encode, max_pending=2) as encoder, AsyncDecoder(

@@ -20,6 +20,7 @@ from diffusers import AutoencoderKLWan
 
 from ..model.checkpoints import CheckpointError, check_state_dict, read_safetensors
 from ..safetensors_io import save_atomic
+from .wan import cast_vae
 
 FORMAT = "vae/1"
 
@@ -56,6 +57,4 @@ def load_vae(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
         raise CheckpointError(f"{path}: bad VAE config in metadata ({exc})") from None
     check_state_dict(path, state, vae.state_dict())
     vae.load_state_dict(state, strict=True, assign=True)
-    if dtype != torch.float32:  # diffusers warns on any dtype cast; skip the no-op one
-        vae = vae.to(dtype=dtype)
-    return vae.to(device).eval()
+    return cast_vae(vae, dtype).to(device).eval()

@@ -105,9 +105,14 @@ def build_vae(
             vae = AutoencoderKLWan(**cfg)
     else:
         vae = AutoencoderKLWan(**cfg)
-    if dtype != torch.float32:  # diffusers warns on any dtype cast; skip the no-op one
-        vae = vae.to(dtype=dtype)
+    vae = cast_vae(vae, dtype)
     return (vae if device is None else vae.to(device)).eval()
+
+
+def cast_vae(vae: AutoencoderKLWan, dtype: torch.dtype) -> AutoencoderKLWan:
+    """`vae` with parameters and buffers in `dtype`, in place (nn.Module's cast: diffusers' own `to` warns about
+    modules to keep in float32 on every cast, and this VAE lists none)."""
+    return torch.nn.Module.to(vae, dtype=dtype)
 
 
 def vae_param(vae: AutoencoderKLWan) -> torch.Tensor:
