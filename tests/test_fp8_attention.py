@@ -76,7 +76,7 @@ from longstream.quant.fp8_attention import fp8_attention_reference
 from longstream.quant.kernels.fp8_attention import fp8_attention
 from longstream.quant.kv_storage import FP8KVStorage
 
-def check(b, h, sq, frames, t, d, length, visible, block_n, dtype, device, seed):
+def check(b, h, sq, frames, t, d, length, visible, block_n, dtype, device, seed, strided=False):
     """Kernel against the reference (same key tile); returns the max error / max."""
     g = torch.Generator().manual_seed(seed)
     store = FP8KVStorage(b, h, frames * t, d, torch.float32, device, tokens_per_frame=t)
@@ -85,11 +85,14 @@ def check(b, h, sq, frames, t, d, length, visible, block_n, dtype, device, seed)
     v = torch.randn(b, h, frames * t, d, generator=g) / per_frame
     store.write(torch.arange(frames * t, device=device), k.to(device), v.to(device))
     q = (torch.randn(b, h, sq, d, generator=g) * 2).to(device, dtype)
+    if strided:
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
     vis = None if visible is None else torch.tensor(visible, device=device)
     want = fp8_attention_reference(q.float(), store.k, store.k_scale, store.v, store.v_scale, length, t, vis,
                                    block_n).float()
     got = fp8_attention(q, store.k, store.k_scale, store.v, store.v_scale, length, t, vis)
     assert got.shape == q.shape and got.dtype == dtype
+    assert got.transpose(1, 2).is_contiguous()  # [B, S, H, D] in memory
     return float((got.float() - want).abs().max() / want.abs().max())
 '''
 
@@ -97,14 +100,16 @@ def check(b, h, sq, frames, t, d, length, visible, block_n, dtype, device, seed)
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_fp8_attention_kernel_interpreted_equals_reference():
     """float32 queries: equal up to summation order. Shapes: a key tail shorter than a tile, head size 48 (not a
-    power of two), queries not a multiple of the tile, a cache longer than `length`, hidden frame slots."""
+    power of two), queries not a multiple of the tile, a cache longer than `length`, hidden frame slots, full key
+    tiles then a tail, and queries as the transformer passes them ([B, S, H, D] transposed)."""
     result = run_interpreted(KERNEL + (
         "print(check(2, 3, 70, 3, 21, 48, 63, None, 64, torch.float32, 'cpu', 0) < 1e-5);"
         "print(check(1, 2, 64, 5, 32, 32, 128, None, 64, torch.float32, 'cpu', 1) < 1e-5);"
-        "print(check(1, 2, 50, 5, 20, 64, 100, [True, False, True, True, False], 64, torch.float32, 'cpu', 2) < 1e-5)"
+        "print(check(1, 2, 50, 5, 20, 64, 100, [True, False, True, True, False], 64, torch.float32, 'cpu', 2) < 1e-5);"
+        "print(check(1, 2, 40, 5, 20, 32, 100, None, 64, torch.float32, 'cpu', 3, strided=True) < 1e-5)"
     ))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["True", "True", "True"]
+    assert result.stdout.split() == ["True"] * 4
 
 
 @pytest.mark.gpu
@@ -121,9 +126,9 @@ def test_fp8_attention_kernel_on_gpu_at_5b_shape():
                  "cuda", 4) < 2e-2
 
 
-def test_cache_with_fp8_attention_attends_from_the_codes():
-    """KVCache(attention='fp8') writes the chunk as the fp8 cache does and answers with the storage's FP8 attention,
-    including a key mask over frame slots."""
+def test_cache_with_fp8_attention_attends_from_the_codes_and_skips_empty_slots():
+    """KVCache(attention='fp8') on a chunk placed in ring slots 1-2 with sink slot 0 still empty: close to exact
+    attention over the same stored codes (the bf16 path's key mask), and blind to whatever the empty slot holds."""
     def cache(attention):
         return KVCache(num_layers=1, batch=1, heads=2, head_dim=32, tokens_per_frame=8, latent_shape=(4, 2, 4),
                        sink_frames=1, window_frames=4, storage="fp8", attention=attention)
@@ -131,13 +136,16 @@ def test_cache_with_fp8_attention_attends_from_the_codes():
     g = torch.Generator().manual_seed(5)
     fp8, plain = cache("fp8"), cache("bf16")
     for c in (fp8, plain):
-        c.begin_chunk([0, 1], [True, False], [0.0, 1.0], chunk=0)
+        c.begin_chunk([5, 6], [False, False], [5.0, 6.0], chunk=0)  # not sink-eligible: ring slots 1 and 2
     q, k, v = (torch.randn(1, 2, 16, 32, generator=g) for _ in range(3))
     got = fp8.attend(0, q, k, v)
-    store = fp8.layers[0]
-    assert torch.equal(got, store.attend(q, 16))
-    exact = plain.attend(0, q, k, v)  # the same stored codes, dequantized, exact attention
+    exact = plain.attend(0, q, k, v)  # the same stored codes, dequantized, exact attention over slots 1-2
     assert 0 < float((got - exact).norm() / exact.norm()) < 0.06
+    store = fp8.layers[0]
+    store.k[:, :, :8] = (torch.randn(1, 2, 8, 32, generator=g) * 100).to(torch.float8_e4m3fn)  # the empty slot
+    store.v[:, :, :8] = store.k[:, :, :8]
+    store.k_scale[:, :, 0] = store.v_scale[:, :, 0] = 7.0
+    assert torch.equal(fp8.attend(0, q, k, v), got)
 
 
 def test_fp8_attention_needs_the_fp8_cache():

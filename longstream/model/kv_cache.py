@@ -83,6 +83,17 @@ def storage_kinds() -> list[str]:
     return sorted(_STORAGE)
 
 
+@dataclass(frozen=True)
+class _AttendState:
+    """What a pending chunk's passes attend over: its token positions, the visible length and, when some slots
+    below it are empty, the visibility of each token and of each frame slot."""
+
+    index: torch.Tensor
+    length: int
+    key_mask: torch.Tensor | None
+    slot_mask: torch.Tensor | None
+
+
 @dataclass
 class SlotInfo:
     """What a slot holds: a latent frame, its RoPE position and the chunk it was generated in."""
@@ -134,7 +145,7 @@ class KVCache:
         self._pending: list[tuple[int, SlotInfo]] = []
         self._pending_sink_order: list[int] = []
         self._pending_ring_next = 0
-        self._attend_state: tuple[torch.Tensor, int, torch.Tensor | None] | None = None
+        self._attend_state: _AttendState | None = None
 
     # -- slot bookkeeping -------------------------------------------------------------------------------------
     def begin_chunk(
@@ -186,15 +197,16 @@ class KVCache:
         base = torch.tensor(list(slots), device=self.device) * t
         return (base[:, None] + torch.arange(t, device=self.device)[None, :]).reshape(-1)
 
-    def _visible_state(self, chunk_slots: Sequence[int]) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    def _visible_state(self, chunk_slots: Sequence[int]) -> _AttendState:
         visible = [s is not None for s in self.slots]
         for s in chunk_slots:
             visible[s] = True
         n = max(i for i, v in enumerate(visible) if v) + 1
-        key_mask = None
+        slot_mask = key_mask = None
         if not all(visible[:n]):
-            key_mask = torch.tensor(visible[:n], device=self.device).repeat_interleave(self.tokens_per_frame)
-        return self._token_index(chunk_slots), n * self.tokens_per_frame, key_mask
+            slot_mask = torch.tensor(visible[:n], device=self.device)
+            key_mask = slot_mask.repeat_interleave(self.tokens_per_frame)
+        return _AttendState(self._token_index(chunk_slots), n * self.tokens_per_frame, key_mask, slot_mask)
 
     # -- attention ----------------------------------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -211,13 +223,13 @@ class KVCache:
         """`store_chunk(storage, index)` puts the pending chunk's K/V in its slots; then q attends over the cache."""
         if self._attend_state is None:
             raise RuntimeError("attend() outside a chunk: call begin_chunk() first")
-        index, length, key_mask = self._attend_state
+        state = self._attend_state
         store = self.layers[layer]
-        store_chunk(store, index)
+        store_chunk(store, state.index)
         if self.attention == "fp8":
-            return store.attend(q, length, None if key_mask is None else key_mask[:: self.tokens_per_frame])
-        keys, values = store.read(length)
-        return attention(q, keys, values, None if key_mask is None else key_mask[None, :])
+            return store.attend(q, state.length, state.slot_mask)
+        keys, values = store.read(state.length)
+        return attention(q, keys, values, None if state.key_mask is None else state.key_mask[None, :])
 
     def write_frames(
         self, layer: int, slots: Sequence[int], k: torch.Tensor, v: torch.Tensor

@@ -10,9 +10,10 @@ quantized per tile, against the running row maximum), in base 2:
 - each query row (token, head) is quantized to E4M3 with scale max(amax, 1e-12) / 448 (round to nearest even);
 - S = (q8 K8^T) * q_scale[i] * k_scale[j] * log2(e) / sqrt(D), products of E4M3 values summed in float32;
 - with the running row max m: p = 2^(S - m); the value scales fold into P before it is quantized:
-  p8 = E4M3(p * v_scale[j] / v_ref * 256), v_ref the tile's largest value scale (p8 <= 256 < 448; a tile spans
-  one or two frames, so P keeps E4M3's relative precision); the accumulator adds (p8 V8) * v_ref / 256 and the
-  row sum the unquantized p;
+  p8 = E4M3(p * v_scale[j] / v_ref * 256), v_ref the tile's largest value scale (p8 <= 256 < 448; where a tile
+  is shorter than a frame, as at the 5B model's 880 tokens, it spans at most two frames, and probabilities of a
+  frame whose scale is far below the other's lose E4M3 precision); the accumulator adds (p8 V8) * v_ref / 256
+  and the row sum the unquantized p;
 - out = acc / row sum, in q's dtype.
 Against exact attention the error is that of E4M3 queries and probabilities (3 mantissa bits, relative 2^-4
 per element): on random unit-variance q, K, V (head size 128, 384 keys) 4.5% relative (Frobenius) at logits of
@@ -25,7 +26,8 @@ import math
 
 import torch
 
-E4M3_MAX = 448.0
+from .fp8 import E4M3_MAX
+
 P_SCALE = 256.0  # probabilities (<= 1) times this stay below E4M3_MAX: a power of two, exact
 BLOCK_N = 64  # key tile of the reference and the interpreted kernel
 LOG2E = 1.4426950408889634
@@ -38,7 +40,8 @@ def quantize_e4m3(x: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.T
 
 def token_scales(scales: torch.Tensor, length: int, tokens_per_frame: int) -> torch.Tensor:
     """[B, H, frames] per-frame scales -> [B, H, length] per token."""
-    return scales.repeat_interleave(tokens_per_frame, dim=2)[:, :, :length].float()
+    frames = -(-length // tokens_per_frame)
+    return scales[:, :, :frames].repeat_interleave(tokens_per_frame, dim=2)[:, :, :length].float()
 
 
 def fp8_attention_reference(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, v_codes: torch.Tensor,

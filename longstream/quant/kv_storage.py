@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from . import nvfp4
-from .fp8_attention import fp8_attention_reference
+from .fp8_attention import fp8_attention_reference, token_scales
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -49,7 +49,7 @@ class _FrameScaledStorage:
         return index.reshape(-1, t)[:, 0] // t
 
     def _scale_per_token(self, scale: torch.Tensor, length: int) -> torch.Tensor:
-        return scale[:, :, : length // self.tokens_per_frame].repeat_interleave(self.tokens_per_frame, dim=2)
+        return token_scales(scale, length, self.tokens_per_frame)
 
 
 class FP8KVStorage(_FrameScaledStorage):

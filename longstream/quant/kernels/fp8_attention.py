@@ -6,8 +6,8 @@ registers (one scale per row), then for each BN-key tile reads the cached E4M3 c
 scales, runs Q8 K8^T and P8 V8 on tensor cores with float32 accumulation (Hopper's FP8 wgmma, sm_89+), and keeps
 the online softmax in float32. Under Triton's interpreter (whose float8 casts are wrong for some values) the same
 E4M3 values are made by integer arithmetic (`fp8_quant._e4m3_code`), decoded exactly and multiplied in float32.
-Results equal the reference up to summation order (and the rare probability that then rounds to the other E4M3
-neighbour).
+Divisions round to nearest (`div_rn`) as the reference's do, so results equal the reference up to summation
+order (and the rare probability that then rounds to the other E4M3 neighbour).
 """
 
 from __future__ import annotations
@@ -82,23 +82,26 @@ def _key_tile(q8, k_ptr, ks_ptr, v_ptr, vs_ptr, vis_ptr, bh, start, length, s_al
     p = tl.exp2(s - safe[:, None])
     correction = tl.exp2(row_max - safe)
     v_ref = tl.maximum(tl.max(v_scale, axis=0), 1e-30)
-    p8 = _to_e4m3(p * (v_scale * (P_SCALE / v_ref))[None, :], HW)
+    p8 = _to_e4m3(p * tl.math.div_rn(v_scale * P_SCALE, v_ref)[None, :], HW)
     acc = acc * correction[:, None] + tl.dot(p8, v8) * (v_ref / P_SCALE)
     row_sum = row_sum * correction + tl.sum(p, axis=1)
     return new_max, row_sum, acc
 
 
 @triton.jit
-def _fp8_attention_kernel(q_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, vis_ptr, out_ptr, sq, length, s_alloc,
-                          slots, tokens_per_frame, score_factor, D: tl.constexpr, DP: tl.constexpr,
-                          BM: tl.constexpr, BN: tl.constexpr, HAS_VISIBLE: tl.constexpr, HW: tl.constexpr):
+def _fp8_attention_kernel(q_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, vis_ptr, out_ptr, heads, sq, length, s_alloc,
+                          slots, tokens_per_frame, score_factor, sqb, sqh, sqs, sob, soh, sos, D: tl.constexpr,
+                          DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_VISIBLE: tl.constexpr,
+                          HW: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
+    b, h = bh // heads, bh % heads
     m = tl.program_id(1) * BM + tl.arange(0, BM)
     d = tl.arange(0, DP)
     q_ok = (m < sq)[:, None] & (d < D)[None, :]
-    q = tl.load(q_ptr + (bh * sq + m)[:, None] * D + d[None, :], mask=q_ok, other=0.0).to(tl.float32)
-    q_scale = tl.maximum(tl.max(tl.abs(q), axis=1), 1e-12) / E4M3_MAX
-    q8 = _to_e4m3(tl.minimum(tl.maximum(q / q_scale[:, None], -E4M3_MAX), E4M3_MAX), HW)
+    q = tl.load(q_ptr + b * sqb + h * sqh + m.to(tl.int64)[:, None] * sqs + d[None, :], mask=q_ok,
+                other=0.0).to(tl.float32)
+    q_scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(q), axis=1), 1e-12), E4M3_MAX)
+    q8 = _to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(q, q_scale[:, None]), -E4M3_MAX), E4M3_MAX), HW)
     score_scale = q_scale * score_factor  # log2(e) / sqrt(D) folded in
     row_max = tl.full((BM,), float("-inf"), tl.float32)
     row_sum = tl.zeros((BM,), tl.float32)
@@ -114,8 +117,9 @@ def _fp8_attention_kernel(q_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, vis_ptr, out_ptr,
         row_max, row_sum, acc = _key_tile(q8, k_ptr, ks_ptr, v_ptr, vs_ptr, vis_ptr, bh, start, length, s_alloc,
                                           slots, tokens_per_frame, d, score_scale, row_max, row_sum, acc,
                                           D, BN, True, HAS_VISIBLE, HW)
-    out = acc / row_sum[:, None]
-    tl.store(out_ptr + (bh * sq + m)[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=q_ok)
+    out = tl.math.div_rn(acc, row_sum[:, None])
+    tl.store(out_ptr + b * sob + h * soh + m.to(tl.int64)[:, None] * sos + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=q_ok)
 
 
 def fp8_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, v_codes: torch.Tensor,
@@ -123,8 +127,10 @@ def fp8_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor,
                   *, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                   num_stages: int | None = None) -> torch.Tensor:
     """q [B, H, Sq, D]; codes [B, H, S, D] (E4M3 or their uint8 view), scales [B, H, S / T] float32, `visible`
-    [S / T] bool or None: the arguments of `fp8_attention_reference`. Returns [B, H, Sq, D] in q's dtype. Tiles
-    and launch settings default to GPU_CONFIG (the interpreter: 64 x reference.BLOCK_N)."""
+    [S / T] bool (on q's device) or None: the arguments of `fp8_attention_reference`; q may be strided (the
+    transformer's [B, S, H, D] transposed). Returns [B, H, Sq, D] in q's dtype, laid out as [B, Sq, H, D], as the
+    transformer reads it back. Tiles and launch settings default to GPU_CONFIG (the interpreter: 64 x
+    reference.BLOCK_N)."""
     patch_interpreter()
     b, h, sq, d = q.shape
     if k_codes.shape[-1] != d or not 1 <= length <= k_codes.shape[2]:
@@ -135,13 +141,15 @@ def fp8_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor,
     cfg = dict(GPU_CONFIG) if hw else dict(block_m=64, block_n=reference.BLOCK_N, num_warps=4, num_stages=1)
     given = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
     cfg.update({k: v for k, v in given.items() if v is not None})
-    q = q.contiguous()
-    out = torch.empty_like(q)
-    vis = visible.to(device=q.device, dtype=torch.uint8) if visible is not None else k_scale
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    out = torch.empty(b, sq, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, S, H, D] in memory
+    vis = visible.view(torch.uint8) if visible is not None else k_scale
     grid = (b * h, triton.cdiv(sq, cfg["block_m"]))
     _fp8_attention_kernel[grid](
-        q, k_codes.view(torch.uint8), k_scale, v_codes.view(torch.uint8), v_scale, vis, out, sq, length,
-        k_codes.shape[2], k_scale.shape[-1], tokens_per_frame, reference.LOG2E / math.sqrt(d), D=d,
+        q, k_codes.view(torch.uint8), k_scale, v_codes.view(torch.uint8), v_scale, vis, out, h, sq, length,
+        k_codes.shape[2], k_scale.shape[-1], tokens_per_frame, reference.LOG2E / math.sqrt(d), *q.stride()[:3],
+        *out.stride()[:3], D=d,
         DP=max(16, triton.next_power_of_2(d)), BM=cfg["block_m"], BN=cfg["block_n"],
         HAS_VISIBLE=visible is not None, HW=hw, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
