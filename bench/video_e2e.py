@@ -5,7 +5,7 @@ short untimed warm-up video with them (Triton JIT, compiled elementwise steps, c
 --seconds video from the first DiT pass to the MP4 closed on disk (`generate`'s `write_video`: chunks, decode on
 the same GPU (async on its own stream, or in sequence), uint8 frames to the host, encoding). Rows are the cross
 product of --steps and --linear. Reports per row: the video's wall time, its ratio to the video's length
-(< 1: faster than real time), delivered video FPS, time to the first frames on the host, peak GPU memory over
+(< 1: faster than real time), delivered video FPS, time until the first frames are encoded, peak GPU memory over
 the timed video, and the number of frames the MP4 holds (read back with PyAV).
 
     python bench/video_e2e.py --preset wan2.2-ti2v-5b --seconds 64 --steps 4,2 --linear fp8 --json out.json
@@ -26,28 +26,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import av
 import torch
 
+from longstream.bench.report import num, render_table
 from longstream.devices import resolve_device
 from longstream.pipeline.generate import GenerateRequest, Generation, prepare, write_video
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def mp4_frames(path: Path) -> int:
-    """Frames in the MP4's video stream, counted by decoding it."""
-    with av.open(str(path)) as container:
-        return sum(1 for _ in container.decode(video=0))
+from longstream.pipeline.video_io import read_video_info
 
 
 def timed_video(gen: Generation) -> dict[str, float]:
-    """Wall time of `write_video(gen)` and of its first delivered frames (seconds)."""
-    device = next(gen.models.transformer.parameters()).device
-    _sync(device)
+    """Wall time of `write_video(gen)` and until its first frames are encoded (seconds)."""
+    if gen.device.type == "cuda":
+        torch.cuda.synchronize(gen.device)
     start = time.perf_counter()
     first: list[float] = []
     write_video(gen, on_frames=lambda n: first or first.append(time.perf_counter() - start))
@@ -62,28 +52,29 @@ def run_row(base: GenerateRequest, steps: int, linear: str, seconds: float, warm
     warm = prepare(req)
     load_s = time.perf_counter() - start
     warmup = timed_video(warm)
-    device = next(warm.models.transformer.parameters()).device
+    models, device = warm.models, warm.device
+    del warm  # its decoder's caches are not the timed video's memory
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     out = folder / f"video_{steps}_{linear}.mp4"
-    gen = prepare(dataclasses.replace(req, seconds=seconds, output=str(out)), models=warm.models)
+    gen = prepare(dataclasses.replace(req, seconds=seconds, output=str(out)), models=models)
     timing = timed_video(gen)
     frames = gen.plan.video_frames
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"steps": steps, "linear": linear, **timing, "realtime_ratio": timing["video_s"] / seconds,
             "video_fps": frames / timing["video_s"], "warmup_s": warmup["video_s"], "load_s": load_s,
-            "peak_memory_gib": peak, "frames": frames, "mp4_frames": mp4_frames(out)}
+            "peak_memory_gib": peak, "frames": frames, "mp4_frames": read_video_info(out)[0]}
 
 
-def format_rows(rows: list[dict]) -> str:
-    head = ("steps", "linear", "video s", "x real time", "FPS", "first frame s", "warm-up s", "load s", "peak GiB",
-            "frames", "in MP4")
-    cells = [head] + [(str(r["steps"]), r["linear"], f"{r['video_s']:.1f}", f"{r['realtime_ratio']:.3f}",
+def format_rows(title: str, rows: list[dict]) -> str:
+    head = ["steps", "linear", "video s", "x real time", "FPS", "first frame s", "warm-up s", "load s", "peak GiB",
+            "frames", "in MP4"]
+    cells = [head] + [[str(r["steps"]), r["linear"], f"{r['video_s']:.1f}", f"{r['realtime_ratio']:.3f}",
                        f"{r['video_fps']:.2f}", f"{r['first_frame_s']:.2f}", f"{r['warmup_s']:.1f}",
-                       f"{r['load_s']:.1f}", "n/a" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}",
-                       str(r["frames"]), str(r["mp4_frames"])) for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
+                       f"{r['load_s']:.1f}", num(r["peak_memory_gib"], ".1f"), str(r["frames"]),
+                       str(r["mp4_frames"])] for r in rows]
+    return "\n".join(render_table(title, cells))
 
 
 def main() -> None:
@@ -91,7 +82,8 @@ def main() -> None:
     p.add_argument("--preset", default="wan2.2-ti2v-5b")
     p.add_argument("--prompt", default="a red circle moves left on a gray background")
     p.add_argument("--seconds", type=float, default=64.0, help="timed video length (default 64)")
-    p.add_argument("--warmup-seconds", type=float, default=8.0, help="untimed warm-up video, long enough to fill the KV window (default 8)")
+    p.add_argument("--warmup-seconds", type=float, default=8.0,
+                   help="untimed warm-up video, long enough to fill the KV window (default 8)")
     p.add_argument("--steps", default="4,2", help="comma list (default 4,2)")
     p.add_argument("--linear", default="fp8", help="comma list of bf16, fp8, nvfp4 (default fp8)")
     p.add_argument("--kv-cache", default="dense", choices=("dense", "fp8", "nvfp4"))
@@ -114,13 +106,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for steps, linear in itertools.product([int(s) for s in a.steps.split(",")], a.linear.split(",")):
             result["rows"].append(run_row(base, steps, linear, a.seconds, a.warmup_seconds, Path(folder)))
-            print(format_rows(result["rows"][-1:]), flush=True)
+            print(format_rows(f"row {len(result['rows'])}", result["rows"][-1:]), flush=True)
             if a.json:
                 Path(a.json).write_text(json.dumps(result, indent=1))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    print(f"\n{result['device']}  {a.preset}  {a.seconds:g} s video  KV {a.kv_cache}  attention {a.attention}")
-    print(format_rows(result["rows"]))
+    print(format_rows(f"\n{result['device']}  {a.preset}  {a.seconds:g} s video  KV {a.kv_cache}  attention "
+                      f"{a.attention}", result["rows"]))
 
 
 if __name__ == "__main__":

@@ -143,6 +143,25 @@ def test_sub_pixel_upsample_conv_equals_upsample_then_conv(h, w, channels_last):
         assert torch.allclose(a.grad, b.grad, rtol=1e-12, atol=1e-12)
 
 
+def test_sub_pixel_phase_kernels_follow_weight_updates():
+    """Inference keeps the phase kernels between calls; an in-place weight update (an optimizer step, a state-dict
+    load) makes new ones."""
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
+                                torch.nn.Conv2d(4, 3, 3, padding=1)).double()
+    fast = torch.nn.Sequential(WanUpsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
+                               torch.nn.Conv2d(4, 3, 3, padding=1)).double()
+    fast.load_state_dict(plain.state_dict())
+    fast.__class__ = SubPixelUpConv
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.allclose(fast(x), plain(x), rtol=1e-12, atol=1e-12)
+            for m in (plain, fast):
+                m[1].weight.mul_(-1.5)
+                m[1].bias.add_(0.25)
+
+
 def test_accelerate_swaps_the_upsample_bodies_only():
     vae = accelerate(build_vae("test-wan2.2", seed=2))
     resamples = [m for m in vae.modules() if type(m) is WanResample]

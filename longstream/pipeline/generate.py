@@ -247,6 +247,8 @@ def prepare(req: GenerateRequest, models: Models | None = None) -> Generation:
         device, shard, writes = ctx.device, StreamShard(ctx.sp_group, req.kv_cache), ctx.rank == 0
     else:
         device = resolve_device(req.device)
+    if req.attention == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise UsageError("--attention fp8 needs FP8 tensor cores (compute capability 8.9 or newer); use bf16")
     decode_device = device if req.decode_device is None else resolve_device(req.decode_device)
     models = models or load_models(req, preset, device, decode_device)
     decoder = StreamingDecoder(models.vae, normalized=True, frames_per_call=4)
@@ -290,15 +292,15 @@ def write_video(gen: Generation, on_frames: Callable[[int], None] | None = None)
         use_async = req.async_decode if req.async_decode is not None else gen.device.type == "cuda"
         decode = lambda latents: gen.decoder.decode(latents.float())  # noqa: E731  denormalized in fp32
         # two stages on worker threads: decode (on its own CUDA stream), then encode, each a chunk behind
-        with AsyncDecoder(lambda frames: frames, encode, max_pending=2) as encoder, AsyncDecoder(
-            decode, lambda frames: encoder.submit(to_host(frames)), max_pending=2,
+        with AsyncDecoder(lambda frames: frames, encode, max_pending=2) as encode_stage, AsyncDecoder(
+            decode, lambda frames: encode_stage.submit(to_host(frames)), max_pending=2,
             device=gen.decode_device if use_async else None,
-        ) as decoder:
+        ) as decode_stage:
             for chunk in gen.generator.generate(gen.shots, generator=noise):
                 if use_async:
-                    decoder.submit(chunk.latents)
+                    decode_stage.submit(chunk.latents)
                 else:
-                    encoder.submit(to_host(decode(chunk.latents)))
+                    encode_stage.submit(to_host(decode(chunk.latents)))
                 bar.set_postfix(chunk=f"{chunk.index + 1}/{plan.chunks}", shot=chunk.shot + 1)
     return gen.output
 

@@ -18,11 +18,11 @@ from typing import Sequence
 import torch
 
 from . import nvfp4
+from .fp8 import E4M3_MAX
 from .fp8_attention import fp8_attention_reference, token_scales
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
-E4M3_MAX = 448.0
 
 
 class _FrameScaledStorage:

@@ -177,16 +177,29 @@ class SubPixelUpConv(torch.nn.Sequential):
     to its interleaved place. Same children and state dict as the Sequential it replaces; equal up to float
     rounding (the tap sums are formed in float32)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _phase_conv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The 4 phase kernels stacked on the output channels [4 O, C, 2, 2] and their bias; kept between
+        calls for inference and rebuilt when the weights change (an in-place update, which bumps their version,
+        or new storage), and on every call while recording gradients."""
         conv = self[1]
+        key = tuple((t._version, t.data_ptr(), t.dtype) for t in (conv.weight, conv.bias) if t is not None)
+        cached = getattr(self, "_phases", None)
+        if cached is not None and cached[0] == key and not torch.is_grad_enabled():
+            return cached[1], cached[2]
         w = conv.weight.to(torch.promote_types(conv.weight.dtype, torch.float32))  # [O, C, 3, 3]
         kernels = _phase_taps(_phase_taps(w, 2), 4).transpose(0, 1)  # [2 (a), 2 (b), O, C, 2, 2]
-        n, _, h, wd = x.shape
-        o = w.shape[0]
-        bias = None if conv.bias is None else conv.bias.repeat(4)
-        kernel = kernels.reshape(4 * o, *w.shape[1:2], 2, 2).to(conv.weight.dtype)
+        kernel = kernels.reshape(4 * w.shape[0], w.shape[1], 2, 2).to(conv.weight.dtype)
         if _channels_last(conv.weight):
             kernel = kernel.contiguous(memory_format=torch.channels_last)
+        bias = None if conv.bias is None else conv.bias.repeat(4)
+        if not torch.is_grad_enabled():
+            self._phases = (key, kernel, bias)
+        return kernel, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel, bias = self._phase_conv()
+        n, _, h, wd = x.shape
+        o = kernel.shape[0] // 4
         y = F.conv2d(x, kernel, bias, padding=1).view(n, 2, 2, o, h + 1, wd + 1)
         if y.stride(3) == 1 and not y.is_contiguous():  # out[n, i, a, j, b, :]: channels innermost
             out = y.new_empty(n, h, 2, wd, 2, o)
