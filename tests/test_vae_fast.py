@@ -116,17 +116,24 @@ def test_fast_dup_up_equals_diffusers_and_stays_channels_last(c_in, c_out, facto
     assert torch.equal(fast(x, first_chunk), plain(x, first_chunk))  # contiguous input: diffusers' path
 
 
+def upsample_bodies(c_in: int, c_out: int) -> tuple[torch.nn.Sequential, SubPixelUpConv]:
+    """A float64 2x nearest upsample + 3x3 conv (plain float64 upsampling, the reference) and its
+    SubPixelUpConv twin with the same weights."""
+    plain = torch.nn.Sequential(torch.nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
+                                torch.nn.Conv2d(c_in, c_out, 3, padding=1)).double()
+    fast = torch.nn.Sequential(WanUpsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
+                               torch.nn.Conv2d(c_in, c_out, 3, padding=1)).double()
+    fast.load_state_dict(plain.state_dict())
+    fast.__class__ = SubPixelUpConv
+    return plain, fast
+
+
 @pytest.mark.parametrize("h,w,channels_last", [(5, 7, False), (4, 6, True), (1, 1, False), (3, 2, True)])
 def test_sub_pixel_upsample_conv_equals_upsample_then_conv(h, w, channels_last):
     """Four 2x2 phase convs on the small image equal the 2x nearest upsample + 3x3 conv (float64), values and
     gradients, and keep the input's layout."""
     torch.manual_seed(h * 10 + w)
-    plain = torch.nn.Sequential(torch.nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
-                                torch.nn.Conv2d(6, 5, 3, padding=1)).double()
-    fast = torch.nn.Sequential(WanUpsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
-                               torch.nn.Conv2d(6, 5, 3, padding=1)).double()
-    fast.load_state_dict(plain.state_dict())
-    fast.__class__ = SubPixelUpConv
+    plain, fast = upsample_bodies(6, 5)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     fast[1].weight.data = fast[1].weight.data.contiguous(memory_format=layout)
     x = torch.randn(3, 6, h, w, dtype=torch.float64, requires_grad=True)
@@ -147,12 +154,7 @@ def test_sub_pixel_phase_kernels_follow_weight_updates():
     """Inference keeps the phase kernels between calls; an in-place weight update (an optimizer step, a state-dict
     load) makes new ones."""
     torch.manual_seed(0)
-    plain = torch.nn.Sequential(torch.nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
-                                torch.nn.Conv2d(4, 3, 3, padding=1)).double()
-    fast = torch.nn.Sequential(WanUpsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
-                               torch.nn.Conv2d(4, 3, 3, padding=1)).double()
-    fast.load_state_dict(plain.state_dict())
-    fast.__class__ = SubPixelUpConv
+    plain, fast = upsample_bodies(4, 3)
     x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
     with torch.no_grad():
         for _ in range(2):
