@@ -46,13 +46,18 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 from .. import fused
 
 
+def per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """[C] -> [1, C, 1, ...] broadcasting over an `ndim`-D channel-first tensor."""
+    return v.view(1, -1, *(1,) * (ndim - 2))
+
+
 def channel_rms_norm(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | float, scale: float,
                      silu: bool, shift: torch.Tensor | None = None) -> torch.Tensor:
     """WanRMS_norm over dim 1 (x * rsqrt(sum x^2) * scale * gamma + bias, F.normalize's eps), then SiLU if asked;
     `shift` (per channel) is added to x first: the bias of the convolution before, folded in."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))  # at least float32
     if shift is not None:
-        xf = xf + shift.view(1, -1, *(1,) * (x.dim() - 2))
+        xf = xf + per_channel(shift, x.dim())
     inv = torch.rsqrt((xf * xf).sum(dim=1, keepdim=True).clamp_min(1e-24))  # F.normalize's eps 1e-12, squared
     y = (xf * inv).to(x.dtype) * scale * gamma + bias
     return F.silu(y) if silu else y
@@ -100,7 +105,7 @@ class FastCausalConv3d(WanCausalConv3d):
 
 
 def add_bias_residual(y: torch.Tensor, bias: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    return y + bias.view(1, -1, *(1,) * (y.dim() - 2)) + h
+    return y + per_channel(bias, y.dim()) + h
 
 
 def _cached_conv(conv: FastCausalConv3d, x: torch.Tensor, feat_cache: list | None, feat_idx: list[int],
@@ -201,17 +206,14 @@ class SubPixelUpConv(torch.nn.Sequential):
         n, _, h, wd = x.shape
         o = kernel.shape[0] // 4
         y = F.conv2d(x, kernel, bias, padding=1).view(n, 2, 2, o, h + 1, wd + 1)
-        if y.stride(3) == 1 and not y.is_contiguous():  # out[n, i, a, j, b, :]: channels innermost
-            out = y.new_empty(n, h, 2, wd, 2, o)
-            for a in (0, 1):
-                for b in (0, 1):
-                    out[:, :, a, :, b] = y[:, a, b, :, a:a + h, b:b + wd].permute(0, 2, 3, 1)
-            return out.view(n, 2 * h, 2 * wd, o).permute(0, 3, 1, 2)
-        out = y.new_empty(n, o, h, 2, wd, 2)
+        if y.stride(3) == 1 and not y.is_contiguous():  # channels-last: [n, i, a, j, b, o] in memory
+            out = y.new_empty(n, h, 2, wd, 2, o).permute(0, 5, 1, 2, 3, 4)
+        else:
+            out = y.new_empty(n, o, h, 2, wd, 2)
         for a in (0, 1):
             for b in (0, 1):
                 out[:, :, :, a, :, b] = y[:, a, b, :, a:a + h, b:b + wd]
-        return out.view(n, o, 2 * h, 2 * wd)
+        return out.reshape(n, o, 2 * h, 2 * wd)  # a view in either layout
 
 
 def _is_upsample_body(module: torch.nn.Module) -> bool:
