@@ -15,7 +15,7 @@ same noise. `--fusion on,off` runs the elementwise steps of the transformer bloc
 computes self-attention's q, k, v with one projection (`longstream.model.fuse_qkv`: one GEMM, one activation
 quantize) or three (nvfp4 linears stay unfused). Compute in bf16 on a GPU (float32 on a CPU). The VAE has random
 weights and decodes with `StreamingDecoder`, 4 latent frames a call as in `longstream generate`, in the compute
-dtype (generate decodes in float32), channels-last on a GPU, on --decode-device if given (a second GPU, as the paper
+dtype, channels-last on a GPU (as generate decodes there), on --decode-device if given (a second GPU, as the paper
 decodes; the DiT's device otherwise).
 
 Per row, on a model built (and quantized, q/k/v-fused, compiled) once per linear format and q/k/v setting:
@@ -73,8 +73,8 @@ raised to 256 graphs per function and reaching it is an error, so that no row si
 
 JSON: the settings (device, torch, preset, height, width, tokens_per_frame, chunk_frames, window_frames,
 sink_frames, chunks, first_measured_chunk, text_tokens, seed, dtype, vae, decode_device, compile, peak_tflops,
-peak_tbps) and `rows`, each with steps, linear, kv_cache, attention, async_decode (null without VAE), fusion, fuse_qkv,
-video_fps, dit_fps, chunk_s (steady host time per chunk), dit_chunk_s, first_frame_s, first_chunk_s,
+peak_tbps) and `rows`, each with steps, linear, kv_cache, attention, async_decode (null without VAE), fusion,
+fuse_qkv, video_fps, dit_fps, chunk_s (steady host time per chunk), dit_chunk_s, first_frame_s, first_chunk_s,
 peak_memory_gib, latent_rel_error, breakdown_ms {linears, attention, cache_write, vae, other, chunk, kernels,
 unlinked, shared_ids, top_kernels (GPU: the TOP_KERNELS kernels with the most time in the profiled chunk)} and
 roofline {flops_per_frame, linear_flops_per_frame, attention_flops_per_frame, bytes_per_frame, compute_bound_fps,

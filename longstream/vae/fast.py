@@ -133,7 +133,8 @@ class FastResidualBlock(WanResidualBlock):
 
     fold_bias: bool | None = None
 
-    def forward(self, x: torch.Tensor, feat_cache: list | None = None, feat_idx: list[int] = [0]) -> torch.Tensor:  # noqa: B006  diffusers' signature
+    def forward(self, x: torch.Tensor, feat_cache: list | None = None,
+                feat_idx: list[int] = [0]) -> torch.Tensor:  # noqa: B006  diffusers' signature
         fold = fused.compiles(x) if self.fold_bias is None else self.fold_bias
         h = self.conv_shortcut(x)
         x = self.nonlinearity(self.norm1(x))
