@@ -7,12 +7,16 @@ eager ones up to float rounding order (Inductor may keep float32 intermediates w
 CUDA inference takes the compiled path; CPU tensors, and anything recorded by autograd, run eagerly.
 `fusion(False)` turns it off (the benchmarks' eager reference). A function meets one graph per input rank,
 dtype and constant argument (the VAE's norm: ~10), so the recompile limit is raised to RECOMPILE_LIMIT here.
+Dynamo is not thread-safe (a call on one thread while another traces fails), and generate calls compiled
+functions from its decode worker too, so compiled calls take one lock (they only launch kernels: it is held briefly
+except while compiling).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import warnings
 from typing import Callable, Iterator
 
@@ -22,6 +26,7 @@ RECOMPILE_LIMIT = 64  # graphs per compiled function
 COMPILED_DEVICES = ("cuda",)  # device types whose tensors take the compiled path
 _ENABLED = [True]
 _FAILED: set[Callable] = set()  # functions whose compilation failed: eager from then on
+_DYNAMO = threading.Lock()  # one thread in compiled code at a time
 
 
 @contextlib.contextmanager
@@ -52,7 +57,8 @@ def run(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args) -> torch.Tensor
     fails (no Triton or C compiler here, say), it warns once and runs `fn` eagerly from then on."""
     if compiles(x) and fn not in _FAILED:
         try:
-            with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
+            limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+            with _DYNAMO, torch._dynamo.config.patch(recompile_limit=limit):
                 return _compiled(fn)(x, *args)
         except Exception as exc:  # noqa: BLE001  the eager twin below is the fallback (and re-raises real errors)
             _FAILED.add(fn)

@@ -41,9 +41,11 @@ def _e4m3_value(code):
 @triton.jit
 def _to_e4m3(x, HW: tl.constexpr):
     """float32 in [-448, 448] -> E4M3 operand: hardware float8 (GPU) or its exact float32 value (interpreter)."""
-    if HW:
-        return x.to(tl.float8e4nv, fp_downcast_rounding="rtne")
-    return _e4m3_value(_e4m3_code(x))
+    if HW:  # one return: Triton wants the same type from every return, even of a constexpr branch
+        y = x.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+    else:
+        y = _e4m3_value(_e4m3_code(x))
+    return y
 
 
 @triton.jit
