@@ -1,0 +1,92 @@
+"""Every Triton kernel compiles for Hopper (sm_90, down to the cubin) on this CPU machine, with the launch settings
+and GPU-only branches (hardware FP8 casts, inline PTX) the GPU takes. The interpreted tests run other code for
+those branches, so without this a GPU-only branch that Triton refuses would first fail on the device."""
+
+from __future__ import annotations
+
+import pytest
+
+triton = pytest.importorskip("triton")
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from longstream.quant.kernels import fp8_attention, fp8_quant, kv_attention, kv_dequant, nvfp4_gemm, nvfp4_quant  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+
+
+def compile_for_hopper(kernel, pointers: dict[str, str], constexprs: dict, floats: tuple[str, ...] = (),
+                       num_warps: int = 4, num_stages: int = 3) -> dict:
+    """Compile `kernel` for sm_90; pointers maps each pointer argument to its element type ("bf16", "u8", ...),
+    other non-constexpr arguments are int32 unless named in `floats`. Returns the compiled stages' text/binaries."""
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + pointers[name]
+        else:
+            signature[name] = "fp32" if name in floats else "i32"
+    source = ASTSource(kernel, signature, constexprs=constexprs)
+    return triton.compile(source, target=HOPPER, options=dict(num_warps=num_warps, num_stages=num_stages)).asm
+
+
+@pytest.mark.parametrize("visible", [False, True])
+def test_fp8_attention_compiles_with_hardware_fp8(visible: bool) -> None:
+    cfg = fp8_attention.GPU_CONFIG
+    asm = compile_for_hopper(
+        fp8_attention._fp8_attention_kernel,
+        dict(q_ptr="bf16", k_ptr="u8", ks_ptr="fp32", v_ptr="u8", vs_ptr="fp32", vis_ptr="u8", out_ptr="bf16"),
+        dict(D=128, DP=128, BM=cfg["block_m"], BN=cfg["block_n"], HAS_VISIBLE=visible, HW=True),
+        floats=("score_factor",), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    assert "cubin" in asm and "cvt.rn.satfinite.e4m3x2.f32" in asm["ptx"]  # the hardware E4M3 cast
+
+
+def test_fp8_rowwise_quantize_compiles_with_hardware_cast() -> None:
+    asm = compile_for_hopper(fp8_quant._fp8_rowwise_kernel, dict(x_ptr="bf16", q_ptr="u8", scale_ptr="fp32"),
+                             dict(BLOCK_K=4096, HW_CAST=True), num_warps=fp8_quant._warps_for(4096))
+    assert "cubin" in asm and "e4m3x2" in asm["ptx"]
+
+
+@pytest.mark.parametrize("cfg", nvfp4_gemm._CONFIGS[:2])
+def test_nvfp4_gemm_compiles_with_inline_decode(cfg: tuple) -> None:
+    bm, bn, bk, stages, warps = cfg
+    asm = compile_for_hopper(
+        nvfp4_gemm._nvfp4_gemm_kernel,
+        dict(a_ptr="i32", as_ptr="u8", b_ptr="i32", bs_ptr="u8", ga_ptr="fp32", gb_ptr="fp32", c_ptr="bf16"),
+        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EVEN_K=True, DECODE_ASM=True),
+        num_warps=warps, num_stages=stages)
+    assert "cubin" in asm
+
+
+def test_nvfp4_decode_compiles() -> None:
+    asm = compile_for_hopper(nvfp4_gemm._decode_kernel, dict(w_ptr="i32", s_ptr="u8", o_ptr="bf16", g_ptr="fp32"),
+                             dict(BLOCK_R=32, BLOCK_K=64, HAS_G=True))
+    assert "cubin" in asm
+
+
+@pytest.mark.parametrize("g_is_amax", [False, True])
+def test_nvfp4_quantize_compiles(g_is_amax: bool) -> None:
+    amax = compile_for_hopper(nvfp4_quant._amax_kernel, dict(x_ptr="bf16", out_ptr="i32"),
+                              dict(BLOCK=nvfp4_quant._AMAX_BLOCK, STEPS=nvfp4_quant._AMAX_STEPS), num_warps=8)
+    quant = compile_for_hopper(
+        nvfp4_quant._quantize_kernel,
+        dict(x_ptr="bf16", q_ptr="u8", s_ptr="u8", g_ptr="fp32", g_out_ptr="fp32", flag_ptr="i32"),
+        dict(G_IS_AMAX=g_is_amax, G_PER_ROW=not g_is_amax, BLOCK_M=nvfp4_quant._Q_BLOCK_M,
+             BLOCK_K=nvfp4_quant._Q_BLOCK_K))
+    assert "cubin" in amax and "cubin" in quant
+
+
+def test_kv_kernels_compile() -> None:
+    nvfp4_kv = dict(codes_ptr="u8", blocks_ptr="u8", global_ptr="fp32", out_ptr="bf16")
+    sizes = dict(D=128, DP=128, BT=kv_dequant.BLOCK_T)
+    asms = [
+        compile_for_hopper(kv_dequant._nvfp4_kernel, nvfp4_kv, sizes),
+        compile_for_hopper(kv_dequant._fp8_kernel, dict(codes_ptr="u8", scale_ptr="fp32", out_ptr="bf16"), sizes),
+        compile_for_hopper(
+            kv_attention._attention_kernel,
+            dict(q_ptr="bf16", kc_ptr="u8", kb_ptr="u8", kg_ptr="fp32", vc_ptr="u8", vb_ptr="u8", vg_ptr="fp32",
+                 out_ptr="bf16"),
+            dict(D=128, DP=128, BM=kv_attention.BLOCK_M, BN=kv_attention.BLOCK_N), floats=("sm_scale",)),
+    ]
+    assert all("cubin" in asm for asm in asms)
