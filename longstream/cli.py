@@ -95,14 +95,33 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("config", help="training config (YAML)")
     p.add_argument("--steps", type=_positive_int, help="stop at this step (default: the config's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a setting of the config (VALUE read as YAML: 24, 0.5, true, a path); repeatable")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_train)
+
+
+def _settings(pairs: list[str]) -> dict:
+    """["key=value", ...] -> {key: YAML value of value}."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UsageError(f"--set {key.strip()}: {value!r} is not a YAML value") from None
+    return out
 
 
 def _run_train(args: argparse.Namespace) -> None:
     from .train.trainer import train_from_config
 
-    folder = train_from_config(args.config, steps=args.steps, progress=not args.quiet)
+    folder = train_from_config(args.config, steps=args.steps, progress=not args.quiet,
+                               overrides=_settings(args.overrides))
     if os.environ.get("RANK", "0") == "0":  # torchrun: one line, from rank 0
         print(f"checkpoints in {folder}")
 

@@ -245,3 +245,32 @@ def test_default_generate_uses_the_shipped_embedded_model(tmp_path, capsys):
     assert main(["generate", "--prompt", "a dog runs", "--seconds", "0.5", "--quiet", "-o", str(out)]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "outside the embedded model's world" in err[0]
+
+
+def test_train_set_overrides_the_config(tmp_path, monkeypatch):
+    """--set: values read as YAML, on top of the file's; a path relative to the current directory."""
+    from longstream.train.trainer import TrainConfig
+
+    from longstream.cli import _settings
+
+    cfg = tmp_path / "cfgs" / "t.yaml"
+    cfg.parent.mkdir()
+    cfg.write_text("objective: flow_matching\ndata: d\noutput: o\nlr: 0.001\nbatch_size: 4\n")
+    monkeypatch.chdir(tmp_path)
+    got = TrainConfig.from_yaml(cfg, _settings(["lr=0.0002", "batch_size=8", "output=runs/x", "ema=0.99"]))
+    assert (got.lr, got.batch_size, got.ema) == (0.0002, 8, 0.99)
+    assert got.output == str(tmp_path / "runs" / "x") and got.data == str(tmp_path / "cfgs" / "d")
+
+
+@pytest.mark.parametrize("pair,message", [
+    ("lr", "--set expects KEY=VALUE"),
+    ("=3", "--set expects KEY=VALUE"),
+    ("learning_rate=3", "unknown settings learning_rate"),
+    ("lr=[1,", "not a YAML value"),
+])
+def test_bad_train_set_is_one_line(tmp_path, capsys, pair, message):
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("objective: flow_matching\ndata: d\noutput: o\n")
+    assert main(["train", str(cfg), "--set", pair]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -47,6 +48,7 @@ from .distributed import PARALLEL_OBJECTIVES, ParallelTraining, check_layout, la
 from .objectives import flow_matching_loss, teacher_forcing_loss
 
 OBJECTIVES = ("flow_matching", "teacher_forcing", "dmd", "vae")
+PATH_SETTINGS = ("data", "output", "init", "teacher", "vae")  # settings that name files or folders
 
 
 class TrainingError(LongstreamError):
@@ -177,7 +179,9 @@ class TrainConfig:
             raise ConfigError(f"sp > 1 is for flow_matching and teacher_forcing, not objective {self.objective}")
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+        """The config file's settings, then `overrides` on top (paths among them are relative to the current
+        directory, the file's to the file)."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file")
@@ -187,13 +191,15 @@ class TrainConfig:
             raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of settings")
-        unknown = set(data) - set(cls.__dataclass_fields__)
+        overrides = overrides or {}
+        unknown = (set(data) | set(overrides)) - set(cls.__dataclass_fields__)
         if unknown:
             raise ConfigError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
-        base = path.parent
-        for key in ("data", "output", "init", "teacher", "vae"):  # relative paths are relative to the config file
-            if isinstance(data.get(key), str) and not os.path.isabs(data[key]):
-                data[key] = os.path.normpath(base / data[key])
+        for source, base in ((data, path.parent), (overrides, Path.cwd())):
+            for key in PATH_SETTINGS:  # relative paths: to the config file, or to the current directory
+                if isinstance(source.get(key), str) and not os.path.isabs(source[key]):
+                    source[key] = os.path.normpath(base / source[key])
+        data.update(overrides)
         try:
             return cls(**data)
         except TypeError as exc:
@@ -616,9 +622,10 @@ def _tensorboard(folder: Path):
     return SummaryWriter(str(folder))
 
 
-def train_from_config(path: str | Path, steps: int | None = None, progress: bool = True) -> Path:
-    """Run a config (under torchrun: on every rank of the run)."""
-    trainer = make_trainer(TrainConfig.from_yaml(path))
+def train_from_config(path: str | Path, steps: int | None = None, progress: bool = True,
+                      overrides: dict[str, Any] | None = None) -> Path:
+    """Run a config, with `overrides` of its settings (under torchrun: on every rank of the run)."""
+    trainer = make_trainer(TrainConfig.from_yaml(path, overrides))
     try:
         trainer.run(steps, progress=progress)
     finally:
