@@ -11,7 +11,8 @@ timed ones. Variants are the cross product of
   --cudnn-benchmark: off / on (cuDNN picks the fastest algorithm per shape on first use).
 Reports seconds per chunk, video FPS, TFLOP/s (convolution FLOPs of diffusers' layers, counted once with torch's
 FlopCounterMode: sub-pixel rows do fewer),
-the output's max difference from the first variant, and the top GPU kernels of the last variant. Each variant
+the output's max difference from the first variant, and for the last variant the top GPU kernels and the PyTorch
+ops (by input shape) whose own GPU time is largest. Each variant
 builds the VAE afresh from the same seed.
 
     python bench/vae_decode.py [--layers plain,fast,fused,fused-cl,fused-cl-3x3,fused-cl-nofold]
@@ -62,18 +63,25 @@ def decode_chunks(decoder: StreamingDecoder, chunks: list[torch.Tensor]) -> list
     return [decoder.decode(c) for c in chunks]
 
 
-def top_kernels(fn, count: int) -> list[dict]:
-    """The `count` GPU kernels with the most total time in one call of `fn`, with their share."""
+def profile_top(fn, count: int) -> tuple[list[dict], list[dict]]:
+    """One call of `fn` under the profiler: the `count` GPU kernels with the most total time, and the `count`
+    PyTorch ops (with their input shapes) with the most GPU time of their own (which names a kernel's caller)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         fn()
         sync()
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    total = sum(e.device_time_total for e in events)
-    events.sort(key=lambda e: -e.device_time_total)
-    return [dict(name=e.key[:90], ms=e.device_time_total / 1e3, share=e.device_time_total / total, calls=e.count)
-            for e in events[:count]]
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.device_time_total > 0]
+    total = sum(e.device_time_total for e in kernels)
+    kernels.sort(key=lambda e: -e.device_time_total)
+    top_kernels = [dict(name=e.key[:90], ms=e.device_time_total / 1e3, share=e.device_time_total / total,
+                        calls=e.count) for e in kernels[:count]]
+    ops = [e for e in prof.key_averages(group_by_input_shape=True)
+           if e.device_type.name == "CPU" and e.self_device_time_total > 0]
+    ops.sort(key=lambda e: -e.self_device_time_total)
+    top_ops = [dict(name=e.key, ms=e.self_device_time_total / 1e3, share=e.self_device_time_total / total,
+                    calls=e.count, input_shapes=str(e.input_shapes)[:160]) for e in ops[:count]]
+    return top_kernels, top_ops
 
 
 def main() -> None:
@@ -119,13 +127,13 @@ def main() -> None:
             counting.decode(lat[2].to("meta"))
     flops = counter.get_total_flops()
     video_frames = frames * preset.vae.temporal
-    rows, reference, kernels = [], None, []
+    rows, reference, kernels, ops = [], None, [], []
     for lay, fpc, bench in itertools.product(layers, per_call, autotune):
         torch.backends.cudnn.benchmark = bench
         with torch.no_grad(), fusion(lay.startswith("fused")):
             seconds, last, decoder = measure(lay, fpc)
             if dev.type == "cuda" and (lay, fpc, bench) == (layers[-1], per_call[-1], autotune[-1]):
-                kernels = top_kernels(functools.partial(decoder.decode, lat[-1]), 15)
+                kernels, ops = profile_top(functools.partial(decoder.decode, lat[-1]), 15)
         reference = last if reference is None else reference
         rows.append(dict(layers=lay, frames_per_call=fpc, cudnn_benchmark=bench, chunk_s=seconds,
                          video_fps=video_frames / seconds, tflops=flops / seconds / 1e12,
@@ -136,12 +144,14 @@ def main() -> None:
         del decoder
     for k in kernels:
         print(f"  {k['share']:6.1%} {k['ms']:8.1f} ms {k['calls']:5d}x  {k['name']}")
+    for o in ops:
+        print(f"  {o['share']:6.1%} {o['ms']:8.1f} ms {o['calls']:5d}x  {o['name']} {o['input_shapes']}")
     result = dict(device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
                   date=time.strftime("%Y-%m-%d"), torch=torch.__version__, preset=a.preset,
                   size=[preset.width, preset.height], base_dim=a.base_dim or None, chunk_latent_frames=frames,
                   dtype=str(dtype),
                   tflop_per_chunk=flops / 1e12, tflop_per_video_frame=flops / 1e12 / (frames * preset.vae.temporal),
-                  rows=rows, top_kernels_last_row=kernels,
+                  rows=rows, top_kernels_last_row=kernels, top_ops_last_row=ops,
                   peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None)
     print(f"{flops / 1e12:.1f} TFLOP a chunk ({result['tflop_per_video_frame']:.2f} per video frame)")
     if a.json:
