@@ -260,19 +260,11 @@ def test_shipped_vae_streams_long_clips_without_drift():
     frame 0.142; docs/embedded.md). The first run's VAE, trained on 5-frame clips only, drifted to flat colour
     (worst frame 0.95): this catches that."""
     from longstream.assets import embedded_file
-    from longstream.train.world import render_clip
-    from longstream.vae import StreamingDecoder
-    from longstream.vae.encode import encode_whole
+    from longstream.eval.world_eval import round_trip_error
 
-    vae = load_vae(embedded_file("vae.safetensors"))
-    worst = 0.0
-    for seed, prompt in enumerate(["a yellow square moves right on a navy background",
-                                   "a green circle bounces on a black background"]):
-        video = render_clip([parse_prompt(prompt)], [129], 128, seed)[0][None]
-        with torch.no_grad():
-            frames = StreamingDecoder(vae, normalized=True, frames_per_call=4).decode(
-                encode_whole(vae, video, normalized=True))
-        worst = max(worst, float((frames - video).abs().mean(dim=(0, 1, 3, 4)).max()))
+    scenes = [parse_prompt("a yellow square moves right on a navy background"),
+              parse_prompt("a green circle bounces on a black background")]
+    worst = float(round_trip_error(load_vae(embedded_file("vae.safetensors")), scenes, frames=129).max())
     assert worst < 0.15, worst
 
 

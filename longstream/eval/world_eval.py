@@ -177,6 +177,16 @@ def _round_trip(vae, video: torch.Tensor) -> torch.Tensor:
         return StreamingDecoder(vae, normalized=True, frames_per_call=4).decode(z)[0].float().cpu()
 
 
+def round_trip_error(vae, scenes: list[Scene], frames: int = 129, size: int = 128, seed: int = 0) -> torch.Tensor:
+    """Mean absolute error (of [-1, 1] pixels) of every frame of a rendered clip of each scene after `vae`'s
+    round trip (whole-clip encode, streaming decode): [len(scenes), frames]. frames = 1 + 4k."""
+    errors = []
+    for i, scene in enumerate(scenes):
+        video = render_clip([scene], [frames], size, seed + i)[0]
+        errors.append((_round_trip(vae, video) - video).abs().mean(dim=(0, 2, 3)))
+    return torch.stack(errors)
+
+
 def _rendered_row(evals: EvalSet, size: int, frames: int, chunk_video: int, seed: int,
                   transform: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
     """Scores of the rendered clips of the set after `transform` (identity: the world row). Clips get one
