@@ -209,6 +209,26 @@ def _interpreter_checks() -> Dict[str, Callable[[], object]]:
         assert e < 1e-2, e  # bf16 operands/output: ~1e-3
         return e
 
+    def rs_gemm():
+        """Weights decoded as the register operand, activations decoded first: the float32 twin up to summation
+        order, with K tails, tiles not dividing M or N, grouped order, leading dims, special and zero values."""
+        from longstream.quant.kernels.nvfp4_gemm_rs import INTERPRET_CONFIG, nvfp4_matmul_rs
+
+        errs = []
+        for (m, n, k, seed) in [(64, 64, 128, 30), (50, 70, 80, 31), (33, 17, 96, 32)]:
+            a, b = nv.quantize(heavy((m, k), seed)), nv.quantize(heavy((n, k), seed + 10, spread=0.5))
+            errs.append(rel(nvfp4_matmul_rs(a, b, out_dtype=torch.float32), ref_matmul(a, b)))
+        cfg = dict(INTERPRET_CONFIG, BLOCK_K=64, GROUP_N=3)
+        a, b = nv.quantize(heavy((2, 48, 192), 33)), nv.quantize(heavy((100, 192), 34))
+        out = nvfp4_matmul_rs(a, b, out_dtype=torch.float32, config=cfg)
+        assert out.shape == (2, 48, 100)
+        errs.append(rel(out, ref_matmul(a, b)))
+        a, b = nv.quantize(special(32, 64, 35)), nv.quantize(pow2_ties(48, 64, 36))
+        errs.append(rel(nvfp4_matmul_rs(a, b, out_dtype=torch.float32), ref_matmul(a, b)))
+        assert bool((nvfp4_matmul_rs(a, nv.quantize(torch.zeros(16, 64)), out_dtype=torch.float32) == 0).all())
+        assert max(errs) < 1e-5, errs
+        return max(errs)
+
     def backend_dispatch():
         x = heavy((32, 64), 23)
         q = qb.nvfp4_quantize(x, backend="triton")
@@ -237,13 +257,13 @@ def _interpreter_checks() -> Dict[str, Callable[[], object]]:
     return {f.__name__: f for f in (quant_random, quant_heavy_tailed, quant_ties, quant_special, quant_nonfinite,
                                     quant_per_row_global_scale,
                                     gemm_fp32, gemm_bf16_and_leading_dims, gemm_special, dequantize_exact,
-                                    split_gemm, backend_dispatch)}
+                                    split_gemm, rs_gemm, backend_dispatch)}
 
 
 INTERP_CHECKS = ("quant_random", "quant_heavy_tailed", "quant_ties", "quant_special", "quant_nonfinite",
                  "quant_per_row_global_scale",
                  "gemm_fp32", "gemm_bf16_and_leading_dims", "gemm_special", "dequantize_exact", "split_gemm",
-                 "backend_dispatch")
+                 "rs_gemm", "backend_dispatch")
 
 
 def _child_main() -> None:
@@ -419,6 +439,9 @@ def test_gpu_gemm_vs_reference(m: int, n: int, k: int) -> None:
     bf = qb.nvfp4_matmul(a, b, backend="triton")
     assert bf.dtype == torch.bfloat16 and rel(bf, ref) < 1e-2
     assert rel(qb.nvfp4_matmul(a, b, out_dtype=torch.float32, backend="triton", impl="split"), ref) < 1e-2
+    from longstream.quant.kernels.nvfp4_gemm_rs import nvfp4_matmul_rs
+
+    assert rel(nvfp4_matmul_rs(a, b, out_dtype=torch.float32), ref) < 1e-3  # inline-PTX decode, GPU tiles
 
 
 @pytest.mark.gpu

@@ -10,15 +10,18 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from longstream.quant.kernels import fp8_attention, fp8_quant, kv_attention, kv_dequant, nvfp4_gemm, nvfp4_quant  # noqa: E402
+from longstream.quant.kernels import (  # noqa: E402
+    fp8_attention, fp8_quant, kv_attention, kv_dequant, nvfp4_gemm, nvfp4_gemm_rs, nvfp4_quant)
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
 
 def compile_for_hopper(kernel, pointers: dict[str, str], constexprs: dict, floats: tuple[str, ...] = (),
-                       num_warps: int = 4, num_stages: int = 3) -> dict:
+                       num_warps: int = 4, num_stages: int = 3, multiples_of_16: tuple[str, ...] = ()) -> dict:
     """Compile `kernel` for sm_90; pointers maps each pointer argument to its element type ("bf16", "u8", ...),
-    other non-constexpr arguments are int32 unless named in `floats`. Returns the compiled stages' text/binaries."""
+    other non-constexpr arguments are int32 unless named in `floats`. Pointers are marked 16-byte aligned, and the
+    integers named in `multiples_of_16` divisible by 16, as a launch specialises them (PyTorch's allocations, the
+    model's strides). Returns the compiled stages' text/binaries."""
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -27,7 +30,9 @@ def compile_for_hopper(kernel, pointers: dict[str, str], constexprs: dict, float
             signature[name] = "*" + pointers[name]
         else:
             signature[name] = "fp32" if name in floats else "i32"
-    source = ASTSource(kernel, signature, constexprs=constexprs)
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+               if name in pointers or name in multiples_of_16}
+    source = ASTSource(kernel, signature, constexprs=constexprs, attrs=aligned)
     return triton.compile(source, target=HOPPER, options=dict(num_warps=num_warps, num_stages=num_stages)).asm
 
 
@@ -36,10 +41,15 @@ def test_fp8_attention_compiles_with_hardware_fp8(visible: bool) -> None:
     cfg = fp8_attention.GPU_CONFIG
     asm = compile_for_hopper(
         fp8_attention._fp8_attention_kernel,
-        dict(q_ptr="bf16", k_ptr="u8", ks_ptr="fp32", v_ptr="u8", vs_ptr="fp32", vis_ptr="u8", out_ptr="bf16"),
+        dict(q_ptr="bf16", k_ptr="fp8e4nv", ks_ptr="fp32", v_ptr="fp8e4nv", vs_ptr="fp32", vis_ptr="u8",
+             out_ptr="bf16"),
         dict(D=128, DP=128, BM=cfg["block_m"], BN=cfg["block_n"], HAS_VISIBLE=visible, HW=True),
         floats=("score_factor",), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     assert "cubin" in asm and "cvt.rn.satfinite.e4m3x2.f32" in asm["ptx"]  # the hardware E4M3 cast
+    # the key tiles stream in with asynchronous copies (a synchronous load each step made the kernel ~4x slower
+    # than cuDNN); V's stay synchronous: FP8 wgmma wants them K-major, the cache stores them D-contiguous
+    copies = [line for line in asm["ttgir"].splitlines() if "async_copy_global_to_local" in line]
+    assert any("128x128x!tt.ptr<f8E4M3FN>" in line for line in copies)
 
 
 def test_fp8_rowwise_quantize_compiles_with_hardware_cast() -> None:
@@ -57,6 +67,23 @@ def test_nvfp4_gemm_compiles_with_inline_decode(cfg: tuple) -> None:
         dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EVEN_K=True, DECODE_ASM=True),
         num_warps=warps, num_stages=stages)
     assert "cubin" in asm
+
+
+def test_nvfp4_register_operand_gemm_compiles_as_designed() -> None:
+    """The weights reach wgmma from registers (no shared-memory store of the decoded tile) and the activations
+    stream in with asynchronous copies: the structure `nvfp4_gemm_rs` exists for."""
+    cfg = dict(nvfp4_gemm_rs.GPU_CONFIG)
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    asm = compile_for_hopper(
+        nvfp4_gemm_rs._nvfp4_gemm_rs_kernel,
+        dict(x_ptr="fp16", w_ptr="i32", ws_ptr="u8", ga_ptr="fp32", gb_ptr="fp32", c_ptr="bf16"),
+        dict(cfg, EVEN_K=True, DECODE_ASM=True), num_warps=warps, num_stages=stages,
+        multiples_of_16=("stride_xm", "stride_wn", "stride_wsn", "stride_cm"))
+    lines = asm["ttgir"].splitlines()
+    dots = [line for line in lines if "ttng.warp_group_dot " in line]
+    assert dots and all("xf16, #ttg.dot_op<{opIdx = 0" in line for line in dots)  # A: a register tensor
+    assert any("async_copy_global_to_local" in line and "!tt.ptr<f16>" in line for line in lines)
+    assert not any("ttg.local_alloc %" in line and "xf16" in line for line in lines)  # no decoded tile stored
 
 
 def test_nvfp4_decode_compiles() -> None:

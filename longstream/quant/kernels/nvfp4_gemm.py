@@ -87,9 +87,9 @@ def _decode_tile(w, s, R: tl.constexpr, BK: tl.constexpr, NATURAL: tl.constexpr 
 
 
 @triton.jit
-def _decode_tile_asm(w, s, R: tl.constexpr, BK: tl.constexpr):
-    """Same values as ``_decode_tile(..., NATURAL=False)`` via inline PTX (GPU only): 4 bit ops and one packed
-    fp16x2 multiply per two codes."""
+def _decode_tile_asm(w, s, R: tl.constexpr, BK: tl.constexpr, NATURAL: tl.constexpr = False):
+    """Same values as ``_decode_tile(..., NATURAL)`` via inline PTX (GPU only): 4 bit ops and one packed fp16x2
+    multiply per two codes."""
     s = tl.reshape(tl.join(s, s), (R, BK // 8))
     n0, n4, n1, n5, n2, n6, n3, n7 = tl.inline_asm_elementwise(
         asm="""
@@ -112,7 +112,10 @@ def _decode_tile_asm(w, s, R: tl.constexpr, BK: tl.constexpr):
         is_pure=True,
         pack=1,
     )
-    t = tl.join(tl.join(tl.join(n0, n2), tl.join(n1, n3)), tl.join(tl.join(n4, n6), tl.join(n5, n7)))
+    if NATURAL:  # as in _decode_tile
+        t = tl.join(tl.join(tl.join(n0, n4), tl.join(n2, n6)), tl.join(tl.join(n1, n5), tl.join(n3, n7)))
+    else:
+        t = tl.join(tl.join(tl.join(n0, n2), tl.join(n1, n3)), tl.join(tl.join(n4, n6), tl.join(n5, n7)))
     return tl.reshape(t, (R, BK))
 
 

@@ -1,0 +1,111 @@
+"""NVFP4 W4A4 GEMM with the weights as the tensor cores' register operand (experiment, `bench/gemm.py` column
+``nvfp4-rs``; not used by the model until it measures faster than ``nvfp4_gemm``).
+
+``C[M, N] = A[M, K] @ B[N, K]^T`` is computed as ``C^T = B A^T`` tile by tile: B (the weights) is decoded in
+registers each K step (``nvfp4_gemm._decode_tile_asm`` in natural K order, ``e2m1 * scale * 2**-7`` in fp16)
+and fed to wgmma from registers, while A arrives already decoded (``e2m1 * scale`` in fp16, exact: at most 6
+significant bits in [2**-10, 2688]) and streams into shared memory with asynchronous copies. In ``nvfp4_gemm``
+both operands are decoded in registers and stored to shared memory before each wgmma, which then has to
+finish before the next decode; here (sm_90 compile, checked in `tests/test_kernels_compile.py`) the decode
+has no shared-memory round trip and up to 3 wgmmas stay in flight. Cost: A's decode is a separate pass
+(``nvfp4_dequantize_triton``, 2 bytes per element written and read again).
+
+Products of two fp16 operands with <= 6 significant bits each are exact in the fp32 accumulator, so the result
+equals the twin ``(a.dequantize(float32) @ b.dequantize(float32).T)`` up to summation order; the epilogue
+multiplies by ``gA * gB * 2**7``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+from ..nvfp4 import BLOCK, NVFP4Tensor
+from .nvfp4_gemm import _decode_tile, _decode_tile_asm, _scale_x128, _words, nvfp4_dequantize_triton
+
+GPU_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_N=8, num_warps=8, num_stages=3)  # untuned
+INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_N=2, num_warps=4, num_stages=1)
+
+
+@triton.jit
+def _nvfp4_gemm_rs_kernel(
+    x_ptr, w_ptr, ws_ptr, ga_ptr, gb_ptr, c_ptr,
+    M, N, K,
+    stride_xm, stride_wn, stride_wsn, stride_cm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+    EVEN_K: tl.constexpr, DECODE_ASM: tl.constexpr,
+):
+    """x: fp16 [M, K] decoded activations; w: int32 words [N, K/8]; ws: uint8 E4M3 [N, K/16]; ga/gb: float32
+    global scales; c [M, N]. One program: a BLOCK_N x BLOCK_M tile of C^T."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_m = tl.cdiv(M, BLOCK_M)
+    # Grouped launch order: GROUP_N weight tiles share each activation tile while it is in L2.
+    group = GROUP_N * num_m
+    first_n = (pid // group) * GROUP_N
+    size_n = min(num_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % group) % size_n
+    pid_m = (pid % group) // size_n
+
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # rows wrap, so loads need no row mask
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    kw = tl.arange(0, BLOCK_K // 8)
+    ks = tl.arange(0, BLOCK_K // 16)
+    kk = tl.arange(0, BLOCK_K)
+    w_w = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + kw[None, :]
+    w_s = ws_ptr + rn.to(tl.int64)[:, None] * stride_wsn + ks[None, :]
+    x_t = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + kk[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            ww = tl.load(w_w)
+            wsc = tl.load(w_s)
+            xt = tl.load(x_t)
+        else:  # K tail: missing words and scales decode to 0, missing activations are 0
+            ww = tl.load(w_w, mask=((k0 // 8 + kw) < K // 8)[None, :], other=0)
+            wsc = tl.load(w_s, mask=((k0 // 16 + ks) < K // 16)[None, :], other=0)
+            xt = tl.load(x_t, mask=((k0 + kk) < K)[None, :], other=0.0)
+        if DECODE_ASM:
+            w = _decode_tile_asm(ww, _scale_x128(wsc), BLOCK_N, BLOCK_K, NATURAL=True)
+        else:
+            w = _decode_tile(ww, _scale_x128(wsc), BLOCK_N, BLOCK_K, NATURAL=True)
+        acc = tl.dot(w, tl.trans(xt), acc)
+        w_w += BLOCK_K // 8
+        w_s += BLOCK_K // 16
+        x_t += BLOCK_K
+
+    out = (acc * (tl.load(ga_ptr) * tl.load(gb_ptr) * 128.0)).to(c_ptr.dtype.element_ty)  # undo B's 2^-7
+    cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tl.store(c_ptr + cm.to(tl.int64)[None, :] * stride_cm + cn[:, None], out,
+             mask=(cm < M)[None, :] & (cn < N)[:, None])
+
+
+def nvfp4_matmul_rs(a: NVFP4Tensor, b: NVFP4Tensor, *, out_dtype: torch.dtype = torch.bfloat16,
+                    config: Optional[dict] = None) -> torch.Tensor:
+    """``a [..., M, K] @ b [N, K]^T`` -> ``[..., M, N]`` in ``out_dtype``: a decoded to fp16 first, b decoded in
+    the GEMM. ``config``: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_N, num_warps, num_stages (default GPU_CONFIG, or
+    INTERPRET_CONFIG in Triton's interpreter)."""
+    k = a.shape[-1]
+    if b.data.dim() != 2 or b.shape[-1] != k:
+        raise ValueError(f"nvfp4 matmul: b must be [N, K] with K={k}, got {tuple(b.shape)}")
+    if k % BLOCK:
+        raise ValueError(f"nvfp4 matmul needs K % 16 == 0, got K={k}")
+    lead = a.shape[:-1]
+    x = nvfp4_dequantize_triton(a, dtype=torch.float16).reshape(-1, k)  # e2m1 * scale, exact
+    bw, bsc = _words(b)
+    m, n = x.shape[0], bw.shape[0]
+    c = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    if m == 0 or n == 0:
+        return c.reshape(*lead, n)
+    cfg = dict(config or (INTERPRET_CONFIG if interpreting() else GPU_CONFIG))
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    _nvfp4_gemm_rs_kernel[grid](
+        x, bw, bsc, a.global_scale.reshape(1).to(torch.float32), b.global_scale.reshape(1).to(torch.float32), c,
+        m, n, k, x.stride(0), bw.stride(0), bsc.stride(0), c.stride(0),
+        EVEN_K=(k % cfg["BLOCK_K"] == 0), DECODE_ASM=not interpreting(), **cfg)
+    return c.reshape(*lead, n)
