@@ -28,6 +28,7 @@ import itertools
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -63,7 +64,7 @@ def decode_chunks(decoder: StreamingDecoder, chunks: list[torch.Tensor]) -> list
     return [decoder.decode(c) for c in chunks]
 
 
-def profile_top(fn, count: int) -> tuple[list[dict], list[dict]]:
+def profile_top(fn: Callable[[], object], count: int) -> tuple[list[dict], list[dict]]:
     """One call of `fn` under the profiler: the `count` GPU kernels with the most total time, and the `count`
     PyTorch ops (with their input shapes) with the most GPU time of their own (which names a kernel's caller)."""
     from torch.profiler import ProfilerActivity, profile

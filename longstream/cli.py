@@ -96,7 +96,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="training config (YAML)")
     p.add_argument("--steps", type=_positive_int, help="stop at this step (default: the config's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override a setting of the config (VALUE read as YAML: 24, 0.5, true, a path); repeatable")
+                   help="override a setting of the config (VALUE read as YAML: 24, 0.0001, true, a path; YAML "
+                   "reads 1e-4 as text, write 0.0001 or 1.0e-4); repeatable")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_train)
 

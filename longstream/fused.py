@@ -31,7 +31,7 @@ _DYNAMO = threading.Lock()  # one thread in compiled code at a time
 
 @contextlib.contextmanager
 def fusion(enabled: bool) -> Iterator[None]:
-    """Within the block, use (or not) the compiled functions on CUDA."""
+    """Within the block, use (or not) the compiled functions on CUDA: a process-wide switch (every thread)."""
     saved = _ENABLED[0]
     _ENABLED[0] = enabled
     try:
@@ -43,6 +43,15 @@ def fusion(enabled: bool) -> Iterator[None]:
 @functools.cache
 def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, fullgraph=True)
+
+
+def serialized(fn: Callable) -> Callable:
+    """`fn` (a `torch.compile`d callable run on one thread while others call `run`) under the same lock."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with _DYNAMO:
+            return fn(*args, **kwargs)
+    return call
 
 
 def compiles(x: torch.Tensor) -> bool:

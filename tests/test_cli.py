@@ -265,7 +265,7 @@ def test_train_set_overrides_the_config(tmp_path, monkeypatch):
 @pytest.mark.parametrize("pair,message", [
     ("lr", "--set expects KEY=VALUE"),
     ("=3", "--set expects KEY=VALUE"),
-    ("learning_rate=3", "unknown settings learning_rate"),
+    ("learning_rate=3", "--set: unknown settings learning_rate"),
     ("lr=[1,", "not a YAML value"),
 ])
 def test_bad_train_set_is_one_line(tmp_path, capsys, pair, message):

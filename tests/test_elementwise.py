@@ -146,3 +146,17 @@ def test_inside_an_outer_compile_the_eager_twin_is_traced(monkeypatch):
         out = outer(a["x"], a["y"], a["gate"])
     assert calls == []
     assert torch.equal(out, ew.gated_residual(a["x"], a["y"], a["gate"]) * 2)
+
+
+def test_serialized_holds_the_compile_lock_of_run():
+    """A torch.compile'd callable wrapped by `serialized` runs under the lock that `run`'s compiled calls take,
+    so a worker thread's compiled steps wait while it traces (Dynamo is not thread-safe)."""
+    seen = []
+
+    def body(x, scale=1.0):
+        seen.append(fused._DYNAMO.locked())
+        return x * scale
+
+    wrapped = fused.serialized(body)
+    assert torch.equal(wrapped(torch.ones(3), scale=2.0), torch.full((3,), 2.0))
+    assert seen == [True] and not fused._DYNAMO.locked() and wrapped.__name__ == "body"

@@ -76,8 +76,10 @@ from longstream.quant.fp8_attention import fp8_attention_reference
 from longstream.quant.kernels.fp8_attention import fp8_attention
 from longstream.quant.kv_storage import FP8KVStorage
 
-def check(b, h, sq, frames, t, d, length, visible, block_n, dtype, device, seed, strided=False, q_std=2.0):
-    """Kernel against the reference (same key tile); returns the relative error (Frobenius)."""
+def check(b, h, sq, frames, t, d, length, visible, block_n, dtype, device, seed, strided=False, q_std=2.0,
+          rows=False):
+    """Kernel against the reference (same key tile): the relative error (Frobenius), or with `rows` the share of
+    query rows whose own relative error passes 5%."""
     g = torch.Generator().manual_seed(seed)
     store = FP8KVStorage(b, h, frames * t, d, torch.float32, device, tokens_per_frame=t)
     per_frame = torch.logspace(-1, 1, frames).repeat_interleave(t)[:, None]
@@ -93,6 +95,9 @@ def check(b, h, sq, frames, t, d, length, visible, block_n, dtype, device, seed,
     got = fp8_attention(q, store.k, store.k_scale, store.v, store.v_scale, length, t, vis)
     assert got.shape == q.shape and got.dtype == dtype
     assert got.transpose(1, 2).is_contiguous()  # [B, S, H, D] in memory
+    if rows:
+        per_row = (got.float() - want).norm(dim=-1) / want.norm(dim=-1).clamp_min(1e-30)
+        return float((per_row > 0.05).float().mean())
     return float((got.float() - want).norm() / want.norm())
 '''
 
@@ -124,6 +129,9 @@ def test_fp8_attention_kernel_on_gpu_at_5b_shape():
 
     check, block_n = namespace["check"], GPU_CONFIG["block_n"]
     assert check(1, 24, 7040, 32, 880, 128, 28160, None, block_n, torch.bfloat16, "cuda", 3, q_std=0.5) < 1e-2
+    # and no systematic error hides in a few rows: rows 5% off only where a near-tie rounded the other way
+    assert check(1, 24, 7040, 32, 880, 128, 28160, None, block_n, torch.bfloat16, "cuda", 3, q_std=0.5,
+                 rows=True) < 1e-3
     assert check(1, 4, 100, 5, 64, 48, 300, [True, True, False, True, True], block_n, torch.bfloat16,
                  "cuda", 4, q_std=0.5) < 1e-2
 

@@ -5,7 +5,8 @@
 #   QUICK=1 runs 2 steps of each stage on 16 clips (a smoke test of the recipe; use a fresh checkout or remove
 #     runs/embedded first) and exports to runs/embedded/export_quick;
 #   EXPORT=DIR writes the exported files to DIR instead of the package; QUIET=1 hides progress bars;
-#   ARGS_<stage>="--set KEY=VALUE ..." passes overrides to that training stage (e.g. ARGS_dmd="--set max_seconds=200").
+#   ARGS_<stage>="--set KEY=VALUE ..." passes overrides to that training stage (e.g. ARGS_dmd="--set max_seconds=200";
+#     training stages only; split on spaces, so no value with a space; paths relative to the repository root).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 runs=runs/embedded

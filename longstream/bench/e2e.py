@@ -102,7 +102,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from ..config import Preset, StreamConfig, get_preset
 from ..devices import resolve_device
 from ..errors import UsageError
-from ..fused import fusion
+from ..fused import fusion, serialized
 from ..model.fuse_qkv import fuse_qkv
 from ..model.kv_cache import ATTENTION_KINDS
 from ..model.transformer import CausalWanTransformer
@@ -366,7 +366,8 @@ class _Bench:
             fuse_qkv(model)
         if compiled and self.p.request.compile:
             torch.compiler.reset()  # drop the graphs of the previous model
-            model.forward_stream = torch.compile(model.forward_stream, mode=self.p.request.compile)
+            # serialized: the async decode worker's compiled VAE steps (fused.run) must not run while it traces
+            model.forward_stream = serialized(torch.compile(model.forward_stream, mode=self.p.request.compile))
         return model
 
     def _chunks(self, model: CausalWanTransformer, row: RowConfig, count: int,

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from diffusers import AutoencoderKLWan
 
 from ..config import get_preset
 from ..devices import resolve_device
@@ -169,7 +170,7 @@ def evaluate(evals: EvalSet, modes: list[str], *, preset_name: str = "embedded",
     return {"rows": rows, "chance": chance(evals), "settings": settings}
 
 
-def _round_trip(vae, video: torch.Tensor) -> torch.Tensor:
+def _round_trip(vae: AutoencoderKLWan, video: torch.Tensor) -> torch.Tensor:
     """[3, F, H, W] frames encoded by `vae` and decoded back by the streaming decoder (F = 1 + 4k)."""
     param = next(vae.parameters())
     with torch.no_grad():
@@ -177,9 +178,12 @@ def _round_trip(vae, video: torch.Tensor) -> torch.Tensor:
         return StreamingDecoder(vae, normalized=True, frames_per_call=4).decode(z)[0].float().cpu()
 
 
-def round_trip_error(vae, scenes: list[Scene], frames: int = 129, size: int = 128, seed: int = 0) -> torch.Tensor:
+def round_trip_error(vae: AutoencoderKLWan, scenes: list[Scene], frames: int = 129, size: int = 128,
+                     seed: int = 0) -> torch.Tensor:
     """Mean absolute error (of [-1, 1] pixels) of every frame of a rendered clip of each scene after `vae`'s
     round trip (whole-clip encode, streaming decode): [len(scenes), frames]. frames = 1 + 4k."""
+    if frames < 1 or frames % 4 != 1:
+        raise ValueError(f"frames must be 1 + 4k (the VAE's clip lengths), got {frames}")
     errors = []
     for i, scene in enumerate(scenes):
         video = render_clip([scene], [frames], size, seed + i)[0]

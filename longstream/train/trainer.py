@@ -180,8 +180,8 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainConfig":
-        """The config file's settings, then `overrides` on top (paths among them are relative to the current
-        directory, the file's to the file)."""
+        """The config file's settings, then `overrides` on top, each replacing a whole setting (a mapping such as
+        `dmd` too); paths among them are relative to the current directory, the file's to the file."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file")
@@ -191,10 +191,11 @@ class TrainConfig:
             raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of settings")
-        overrides = overrides or {}
-        unknown = (set(data) | set(overrides)) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
+        overrides = dict(overrides or {})
+        for source, where in ((data, str(path)), (overrides, "--set")):
+            unknown = set(source) - set(cls.__dataclass_fields__)
+            if unknown:
+                raise ConfigError(f"{where}: unknown settings {', '.join(sorted(unknown))}")
         for source, base in ((data, path.parent), (overrides, Path.cwd())):
             for key in PATH_SETTINGS:  # relative paths: to the config file, or to the current directory
                 if isinstance(source.get(key), str) and not os.path.isabs(source[key]):

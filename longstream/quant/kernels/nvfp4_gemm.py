@@ -69,7 +69,7 @@ def _fp16_pair(q, s):
 
 
 @triton.jit
-def _decode_tile(w, s, R: tl.constexpr, BK: tl.constexpr, NATURAL: tl.constexpr = True):
+def _decode_tile(w, s, R: tl.constexpr, BK: tl.constexpr, NATURAL: tl.constexpr):
     """w: int32 [R, BK/8] packed codes; s: fp16 [R, BK/16] multipliers -> fp16 [R, BK] = e2m1 * 2^-14 * s,
     in natural K order (element 8i+j is nibble j of word i; low nibble first)."""
     s = tl.reshape(tl.join(s, s), (R, BK // 8))  # one multiplier per word (two words per 16-block)
@@ -87,7 +87,7 @@ def _decode_tile(w, s, R: tl.constexpr, BK: tl.constexpr, NATURAL: tl.constexpr 
 
 
 @triton.jit
-def _decode_tile_asm(w, s, R: tl.constexpr, BK: tl.constexpr, NATURAL: tl.constexpr = False):
+def _decode_tile_asm(w, s, R: tl.constexpr, BK: tl.constexpr, NATURAL: tl.constexpr):
     """Same values as ``_decode_tile(..., NATURAL)`` via inline PTX (GPU only): 4 bit ops and one packed fp16x2
     multiply per two codes."""
     s = tl.reshape(tl.join(s, s), (R, BK // 8))
@@ -175,8 +175,8 @@ def _nvfp4_gemm_kernel(
         bsc_next = tl.load(b_s, mask=kms[None, :], other=0)
         # e2m1 * scale * 2^-7, with the same K permutation within each word for both operands
         if DECODE_ASM:
-            a = _decode_tile_asm(aw, _scale_x128(asc), BLOCK_M, BLOCK_K)
-            b = _decode_tile_asm(bw, _scale_x128(bsc), BLOCK_N, BLOCK_K)
+            a = _decode_tile_asm(aw, _scale_x128(asc), BLOCK_M, BLOCK_K, NATURAL=False)
+            b = _decode_tile_asm(bw, _scale_x128(bsc), BLOCK_N, BLOCK_K, NATURAL=False)
         else:
             a = _decode_tile(aw, _scale_x128(asc), BLOCK_M, BLOCK_K, NATURAL=False)
             b = _decode_tile(bw, _scale_x128(bsc), BLOCK_N, BLOCK_K, NATURAL=False)
@@ -273,7 +273,7 @@ def _decode_kernel(w_ptr, s_ptr, o_ptr, g_ptr, R, KW, stride_w, stride_s, stride
     sc = tl.load(s_ptr + rr.to(tl.int64)[:, None] * stride_s + ks[None, :], mask=rmask & (ks < KW // 2)[None, :],
                  other=0)
     one = tl.full((BLOCK_R, BLOCK_K // 16), 1.0, tl.float16)
-    e = _decode_tile(w, one, BLOCK_R, BLOCK_K).to(tl.float32) * 16384.0  # e2m1 values, exact
+    e = _decode_tile(w, one, BLOCK_R, BLOCK_K, NATURAL=True).to(tl.float32) * 16384.0  # e2m1 values, exact
     s = sc.to(tl.float8e4nv, bitcast=True).to(tl.float32)
     if HAS_G:
         s = tl.load(g_ptr) * s

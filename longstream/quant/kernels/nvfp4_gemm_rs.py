@@ -6,8 +6,8 @@ registers each K step (``nvfp4_gemm._decode_tile_asm`` in natural K order, ``e2m
 and fed to wgmma from registers, while A arrives already decoded (``e2m1 * scale`` in fp16, exact: at most 6
 significant bits in [2**-10, 2688]) and streams into shared memory with asynchronous copies. In ``nvfp4_gemm``
 both operands are decoded in registers and stored to shared memory before each wgmma, which then has to
-finish before the next decode; here (sm_90 compile, checked in `tests/test_kernels_compile.py`) the decode
-has no shared-memory round trip and up to 3 wgmmas stay in flight. Cost: A's decode is a separate pass
+finish before the next decode; here (sm_90 compile, checked in `tests/test_kernels_compile.py` with and
+without a K tail) the decode has no shared-memory round trip and up to 3 wgmmas stay in flight. Cost: A's decode is a separate pass
 (``nvfp4_dequantize_triton``, 2 bytes per element written and read again).
 
 Products of two fp16 operands with <= 6 significant bits each are exact in the fp32 accumulator, so the result
@@ -32,15 +32,31 @@ INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_N=2, num_warps
 
 
 @triton.jit
+def _weight_tile(w_w, wsc, K, k0, kw, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MASKED: tl.constexpr,
+                 DECODE_ASM: tl.constexpr):
+    """The weights' K step at k0 decoded in natural K order: e2m1 * scale * 2^-7 in fp16 [BLOCK_N, BLOCK_K]."""
+    if MASKED:  # K tail: missing words decode to 0
+        ww = tl.load(w_w, mask=((k0 // 8 + kw) < K // 8)[None, :], other=0)
+    else:
+        ww = tl.load(w_w)
+    if DECODE_ASM:
+        w = _decode_tile_asm(ww, _scale_x128(wsc), BLOCK_N, BLOCK_K, NATURAL=True)
+    else:
+        w = _decode_tile(ww, _scale_x128(wsc), BLOCK_N, BLOCK_K, NATURAL=True)
+    return w
+
+
+@triton.jit
 def _nvfp4_gemm_rs_kernel(
     x_ptr, w_ptr, ws_ptr, ga_ptr, gb_ptr, c_ptr,
     M, N, K,
     stride_xm, stride_wn, stride_wsn, stride_cm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
-    EVEN_K: tl.constexpr, DECODE_ASM: tl.constexpr,
+    DECODE_ASM: tl.constexpr,
 ):
     """x: fp16 [M, K] decoded activations; w: int32 words [N, K/8]; ws: uint8 E4M3 [N, K/16]; ga/gb: float32
-    global scales; c [M, N]. One program: a BLOCK_N x BLOCK_M tile of C^T."""
+    global scales; c [M, N]. One program: a BLOCK_N x BLOCK_M tile of C^T. Full K steps run unmasked, then one
+    masked step for a K tail (masks in every step would cost the pipelining)."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -59,24 +75,23 @@ def _nvfp4_gemm_rs_kernel(
     w_w = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + kw[None, :]
     w_s = ws_ptr + rn.to(tl.int64)[:, None] * stride_wsn + ks[None, :]
     x_t = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + kk[None, :]
+    # Scales are prefetched one K step ahead into registers (as in nvfp4_gemm: too few bytes for async copies).
+    nks = K // 16
+    wsc = tl.load(w_s, mask=(ks < nks)[None, :], other=0)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            ww = tl.load(w_w)
-            wsc = tl.load(w_s)
-            xt = tl.load(x_t)
-        else:  # K tail: missing words and scales decode to 0, missing activations are 0
-            ww = tl.load(w_w, mask=((k0 // 8 + kw) < K // 8)[None, :], other=0)
-            wsc = tl.load(w_s, mask=((k0 // 16 + ks) < K // 16)[None, :], other=0)
-            xt = tl.load(x_t, mask=((k0 + kk) < K)[None, :], other=0.0)
-        if DECODE_ASM:
-            w = _decode_tile_asm(ww, _scale_x128(wsc), BLOCK_N, BLOCK_K, NATURAL=True)
-        else:
-            w = _decode_tile(ww, _scale_x128(wsc), BLOCK_N, BLOCK_K, NATURAL=True)
-        acc = tl.dot(w, tl.trans(xt), acc)
-        w_w += BLOCK_K // 8
+    full = (K // BLOCK_K) * BLOCK_K
+    for k0 in range(0, full, BLOCK_K):
         w_s += BLOCK_K // 16
+        wsc_next = tl.load(w_s, mask=(((k0 + BLOCK_K) // 16 + ks) < nks)[None, :], other=0)
+        w = _weight_tile(w_w, wsc, K, k0, kw, BLOCK_N, BLOCK_K, False, DECODE_ASM)
+        acc = tl.dot(w, tl.trans(tl.load(x_t)), acc)
+        w_w += BLOCK_K // 8
         x_t += BLOCK_K
+        wsc = wsc_next
+    if full < K:  # missing scales (prefetched masked) and activations are 0
+        w = _weight_tile(w_w, wsc, K, full, kw, BLOCK_N, BLOCK_K, True, DECODE_ASM)
+        xt = tl.load(x_t, mask=((full + kk) < K)[None, :], other=0.0)
+        acc = tl.dot(w, tl.trans(xt), acc)
 
     out = (acc * (tl.load(ga_ptr) * tl.load(gb_ptr) * 128.0)).to(c_ptr.dtype.element_ty)  # undo B's 2^-7
     cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -86,10 +101,11 @@ def _nvfp4_gemm_rs_kernel(
 
 
 def nvfp4_matmul_rs(a: NVFP4Tensor, b: NVFP4Tensor, *, out_dtype: torch.dtype = torch.bfloat16,
-                    config: Optional[dict] = None) -> torch.Tensor:
+                    config: Optional[dict] = None, decode_asm: Optional[bool] = None) -> torch.Tensor:
     """``a [..., M, K] @ b [N, K]^T`` -> ``[..., M, N]`` in ``out_dtype``: a decoded to fp16 first, b decoded in
     the GEMM. ``config``: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_N, num_warps, num_stages (default GPU_CONFIG, or
-    INTERPRET_CONFIG in Triton's interpreter)."""
+    INTERPRET_CONFIG in Triton's interpreter). ``decode_asm``: b's decode in inline PTX (default on GPU) or in
+    plain Triton ops (the interpreter's only choice)."""
     k = a.shape[-1]
     if b.data.dim() != 2 or b.shape[-1] != k:
         raise ValueError(f"nvfp4 matmul: b must be [N, K] with K={k}, got {tuple(b.shape)}")
@@ -107,5 +123,5 @@ def nvfp4_matmul_rs(a: NVFP4Tensor, b: NVFP4Tensor, *, out_dtype: torch.dtype = 
     _nvfp4_gemm_rs_kernel[grid](
         x, bw, bsc, a.global_scale.reshape(1).to(torch.float32), b.global_scale.reshape(1).to(torch.float32), c,
         m, n, k, x.stride(0), bw.stride(0), bsc.stride(0), c.stride(0),
-        EVEN_K=(k % cfg["BLOCK_K"] == 0), DECODE_ASM=not interpreting(), **cfg)
+        DECODE_ASM=not interpreting() if decode_asm is None else decode_asm, **cfg)
     return c.reshape(*lead, n)
