@@ -4,7 +4,7 @@
 World clips of random scenes (seeded) are encoded whole and stream-decoded (4 latent frames a call), as
 `longstream generate` decodes; the table shows each listed frame's mean absolute error (of [-1, 1] pixels), mean
 and worst over the clips. A VAE that drifts shows it as error growing with the frame index; the drift test
-(`tests/test_embedded_recipe.py`) bounds the shipped VAE's worst frame by 0.15.
+(`tests/test_embedded_recipe.py`) bounds the shipped VAE's worst frame on two fixed clips by 0.15.
 """
 
 from __future__ import annotations

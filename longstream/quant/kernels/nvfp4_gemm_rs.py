@@ -1,14 +1,14 @@
-"""NVFP4 W4A4 GEMM with the weights as the tensor cores' register operand (experiment, `bench/gemm.py` column
-``nvfp4-rs``; not used by the model until it measures faster than ``nvfp4_gemm``).
+"""NVFP4 W4A4 GEMM with the weights as the tensor cores' register operand (experiment, `bench/gemm.py` columns
+``rs`` and ``rs+q``; not used by the model until it measures faster than ``nvfp4_gemm``).
 
 ``C[M, N] = A[M, K] @ B[N, K]^T`` is computed as ``C^T = B A^T`` tile by tile: B (the weights) is decoded in
 registers each K step (``nvfp4_gemm._decode_tile_asm`` in natural K order, ``e2m1 * scale * 2**-7`` in fp16)
 and fed to wgmma from registers, while A arrives already decoded (``e2m1 * scale`` in fp16, exact: at most 6
 significant bits in [2**-10, 2688]) and streams into shared memory with asynchronous copies. In ``nvfp4_gemm``
 both operands are decoded in registers and stored to shared memory before each wgmma, which then has to
-finish before the next decode; here (sm_90 compile, checked in `tests/test_kernels_compile.py` with and
-without a K tail) the decode has no shared-memory round trip and up to 3 wgmmas stay in flight. Cost: A's decode is a separate pass
-(``nvfp4_dequantize_triton``, 2 bytes per element written and read again).
+finish before the next decode; here the full K steps' decode has no shared-memory round trip and up to 3
+wgmmas stay in flight (sm_90 compile of the main loop, checked in `tests/test_kernels_compile.py`). Cost: A's
+decode is a separate pass (``nvfp4_dequantize_triton``, 2 bytes per element written and read again).
 
 Products of two fp16 operands with <= 6 significant bits each are exact in the fp32 accumulator, so the result
 equals the twin ``(a.dequantize(float32) @ b.dequantize(float32).T)`` up to summation order; the epilogue
