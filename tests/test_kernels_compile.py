@@ -13,7 +13,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from longstream.quant.kernels import (  # noqa: E402
-    fp8_attention, fp8_quant, kv_attention, kv_dequant, nvfp4_gemm, nvfp4_gemm_rs, nvfp4_quant)
+    fp8_attention, fp8_quant, kv_attention, kv_dequant, kv_quant, nvfp4_gemm, nvfp4_gemm_rs, nvfp4_quant)
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -118,7 +118,11 @@ def test_nvfp4_quantize_compiles(g_is_amax: bool) -> None:
 def test_kv_kernels_compile() -> None:
     nvfp4_kv = dict(codes_ptr="u8", blocks_ptr="u8", global_ptr="fp32", out_ptr="bf16")
     sizes = dict(D=128, DP=128, BT=kv_dequant.BLOCK_T)
-    asms = [
+    write = compile_for_hopper(kv_quant._fp8_kv_write_kernel,
+                               dict(x_ptr="bf16", index_ptr="i64", codes_ptr="u8", scale_ptr="fp32"),
+                               dict(D=128, DP=128, BT=kv_quant.BLOCK_T, HW_CAST=True))
+    assert "cvt.rn.satfinite.e4m3x2.f32" in write["ptx"]  # the hardware E4M3 cast
+    asms = [write,
         compile_for_hopper(kv_dequant._nvfp4_kernel, nvfp4_kv, sizes),
         compile_for_hopper(kv_dequant._fp8_kernel, dict(codes_ptr="u8", scale_ptr="fp32", out_ptr="bf16"), sizes),
         compile_for_hopper(

@@ -64,6 +64,57 @@ def test_kv_dequant_kernel_on_gpu_at_5b_cache_size():
     assert namespace["check"](1, 4, 4, 64, 48, 3, torch.bfloat16, "cuda", 5) == "ok"  # head_dim not a power of 2
 
 
+WRITE = r'''
+import torch
+from longstream.quant.kv_storage import FP8KVStorage
+from longstream.quant.kernels.kv_quant import fp8_kv_write
+
+def check_write(b, h, slots, order, t, d, dtype, device, seed):
+    """The kernel's write of frames into the slots `order` (ring positions, out of order) against the eager twin:
+    codes and scales bit for bit. K arrives strided ([B, n, H, D] transposed), one frame of V is all zero."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(order) * t
+    k = (torch.randn(b, n, h, d, generator=g) * torch.logspace(-4, 4, n)[None, :, None, None]).to(device, dtype)
+    k = k.transpose(1, 2)
+    v = torch.randn(b, h, n, d, generator=g).to(device, dtype)
+    v[:, :, :t] = 0
+    index = torch.cat([torch.arange(s * t, (s + 1) * t) for s in order]).to(device)
+    got = FP8KVStorage(b, h, slots * t, d, dtype, device, tokens_per_frame=t)
+    want = FP8KVStorage(b, h, slots * t, d, dtype, device, tokens_per_frame=t)
+    for x, codes, scale in ((k, got.k, got.k_scale), (v, got.v, got.v_scale)):
+        fp8_kv_write(x, index, codes, scale, t)
+    want.write_reference(index, k, v)
+    for name in ("k", "v", "k_scale", "v_scale"):
+        a, w = getattr(got, name), getattr(want, name)
+        if a.dtype == torch.float8_e4m3fn:
+            a, w = a.view(torch.uint8), w.view(torch.uint8)
+        assert torch.equal(a, w), (name, (a.float() - w.float()).abs().max())
+    assert bool((got.k_scale[:, :, list(order)] > 0).all()) and bool((got.v_scale[:, :, order[0]] == 1).all())
+    return "ok"
+'''
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_fp8_kv_write_kernel_interpreted_is_bit_exact():
+    """Frames shorter and longer than the kernel's token step, head size 48 (not a power of two), bf16 input."""
+    result = run_interpreted(WRITE + (
+        "print(check_write(2, 3, 5, [3, 1], 20, 32, torch.float32, 'cpu', 0));"
+        "print(check_write(1, 2, 4, [0, 2, 3], 33, 48, torch.float32, 'cpu', 1));"
+        "print(check_write(1, 2, 3, [2, 0], 7, 64, torch.bfloat16, 'cpu', 2))"
+    ))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["ok", "ok", "ok"]
+
+
+@pytest.mark.gpu
+def test_fp8_kv_write_kernel_on_gpu_at_5b_chunk():
+    """A chunk of 8 frames of 880 tokens into a 32-frame cache, hardware e4m3 conversion."""
+    namespace = {}
+    exec(WRITE, namespace)
+    assert namespace["check_write"](1, 24, 32, list(range(12, 20)), 880, 128, torch.bfloat16, "cuda", 3) == "ok"
+    assert namespace["check_write"](2, 3, 6, [5, 0], 100, 48, torch.float32, "cuda", 4) == "ok"
+
+
 ATTENTION = r'''
 import torch
 from longstream.model.attention import attention

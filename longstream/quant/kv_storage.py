@@ -67,6 +67,17 @@ class FP8KVStorage(_FrameScaledStorage):
         return q, scale
 
     def write(self, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if k.is_cuda and _HAS_TRITON:  # one pass per frame, the same bytes as the eager path below
+            from .kernels.kv_quant import fp8_kv_write
+
+            self._slots(index)  # whole frames only
+            for x, store, scales in ((k, self.k, self.k_scale), (v, self.v, self.v_scale)):
+                fp8_kv_write(x, index, store, scales, self.tokens_per_frame)
+            return
+        self.write_reference(index, k, v)
+
+    def write_reference(self, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """`write` in eager PyTorch ops (the Triton kernel's twin, and the path off CUDA)."""
         for x, store, scales in ((k, self.k, self.k_scale), (v, self.v, self.v_scale)):
             slots, frames = self._frames(index, x)
             q, scale = self.quantize(frames)
