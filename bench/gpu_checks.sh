@@ -1,21 +1,33 @@
 #!/usr/bin/env bash
-# The open speed work's device checks in one call (~8 minutes on an H200), from the repository root on the GPU
-# machine: the GPU tests; the attention, GEMM and VAE-decode benchmarks; the DiT with dense and fp8 KV. Results in
-# $OUT (the device tool's output folder) or bench/results/gpu_checks. Wheels the machine lacks (diffusers, av) are
-# installed from .whl/ when it is there (README, "Set up").
+# The open speed work's device checks in one call, from the repository root on the GPU machine: the GPU tests;
+# the attention, GEMM and VAE-decode benchmarks; the DiT with dense and fp8 KV (~8 minutes on an H200; each step
+# has a time limit, and STEPS picks steps where a call's limit is shorter). Logs and JSON in $OUT (the device
+# tool's output folder) or bench/results/gpu_checks; the exit status is 1 if a step failed. Wheels the machine
+# lacks (diffusers, av) are installed from .whl/ when it is there (README, "Set up").
 set -o pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results/gpu_checks}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-python3 -m pytest -q -m gpu tests/ 2>&1 | tee "$out/gpu_tests.log" | tail -8
-python3 bench/kv_attention.py --out "$out/kv_attention.json" 2>&1 | tee "$out/kv_attention.log"
-python3 bench/gemm.py --shapes 14080x14336x3072,7040x3072x3072 --out "$out/gemm.json" 2>&1 | tail -12
-python3 bench/vae_decode.py --layers fused-cl --cudnn-benchmark off --json "$out/vae_decode.json" 2>&1 \
-  | tee "$out/vae_decode.log"
-python3 -m longstream.cli bench e2e --steps 4,2 --linear fp8 --kv-cache dense,fp8 --no-vae --quiet \
-  --json "$out/e2e_kv.json" 2>&1 | tail -12
+rc=0
+steps=" ${STEPS:-gpu_tests kv_attention gemm vae_decode e2e_kv} "  # STEPS="gemm e2e_kv" runs only those
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAME.log, remember a failure
+  local name=$1 limit=$2 start=$SECONDS
+  shift 2
+  [[ $steps == *" $name "* ]] || return 0
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1 || { rc=1; echo "$name FAILED (see $out/$name.log)"; }
+  tail -12 "$out/$name.log"
+  echo "== $name: $((SECONDS - start)) s"
+}
+step gpu_tests 240 python3 -m pytest -q -m gpu tests/
+step kv_attention 90 python3 bench/kv_attention.py --out "$out/kv_attention.json"
+step gemm 120 python3 bench/gemm.py --shapes 14080x14336x3072,7040x3072x3072 --out "$out/gemm.json"
+step vae_decode 90 python3 bench/vae_decode.py --layers fused-cl --cudnn-benchmark off --json "$out/vae_decode.json"
+step e2e_kv 240 python3 -m longstream.cli bench e2e --steps 4,2 --linear fp8 --kv-cache dense,fp8 --no-vae --quiet \
+  --json "$out/e2e_kv.json"
+exit $rc

@@ -120,8 +120,11 @@ def test_kv_kernels_compile() -> None:
     sizes = dict(D=128, DP=128, BT=kv_dequant.BLOCK_T)
     write = compile_for_hopper(kv_quant._fp8_kv_write_kernel,
                                dict(x_ptr="bf16", index_ptr="i64", codes_ptr="u8", scale_ptr="fp32"),
-                               dict(D=128, DP=128, BT=kv_quant.BLOCK_T, HW_CAST=True))
-    assert "cvt.rn.satfinite.e4m3x2.f32" in write["ptx"]  # the hardware E4M3 cast
+                               dict(D=128, DP=128, BT=kv_quant.BLOCK_T, HW_CAST=True),
+                               multiples_of_16=("tokens_per_frame", "s_alloc", "sxb", "sxh", "sxn"))
+    # bit-exact with the eager write: the hardware E4M3 cast, IEEE division, no flushed subnormals
+    assert "cvt.rn.satfinite.e4m3x2.f32" in write["ptx"] and "div.rn.f32" in write["ptx"]
+    assert ".ftz" not in write["ptx"]
     asms = [write,
         compile_for_hopper(kv_dequant._nvfp4_kernel, nvfp4_kv, sizes),
         compile_for_hopper(kv_dequant._fp8_kernel, dict(codes_ptr="u8", scale_ptr="fp32", out_ptr="bf16"), sizes),

@@ -69,15 +69,19 @@ import torch
 from longstream.quant.kv_storage import FP8KVStorage
 from longstream.quant.kernels.kv_quant import fp8_kv_write
 
-def check_write(b, h, slots, order, t, d, dtype, device, seed):
+def check_write(b, h, slots, order, t, d, dtype, device, seed, nan=False):
     """The kernel's write of frames into the slots `order` (ring positions, out of order) against the eager twin:
-    codes and scales bit for bit. K arrives strided ([B, n, H, D] transposed), one frame of V is all zero."""
+    codes and scales bit for bit. K arrives strided ([B, n, H, D] transposed), one frame of V is all zero; with
+    `nan` one value of K's last frame is NaN (the hardware cast's path: the interpreter's integer rounding has no
+    NaN code)."""
     g = torch.Generator().manual_seed(seed)
     n = len(order) * t
     k = (torch.randn(b, n, h, d, generator=g) * torch.logspace(-4, 4, n)[None, :, None, None]).to(device, dtype)
     k = k.transpose(1, 2)
     v = torch.randn(b, h, n, d, generator=g).to(device, dtype)
     v[:, :, :t] = 0
+    if nan:
+        k[0, 0, n - 1, 0] = float("nan")
     index = torch.cat([torch.arange(s * t, (s + 1) * t) for s in order]).to(device)
     got = FP8KVStorage(b, h, slots * t, d, dtype, device, tokens_per_frame=t)
     want = FP8KVStorage(b, h, slots * t, d, dtype, device, tokens_per_frame=t)
@@ -89,7 +93,7 @@ def check_write(b, h, slots, order, t, d, dtype, device, seed):
         if a.dtype == torch.float8_e4m3fn:
             a, w = a.view(torch.uint8), w.view(torch.uint8)
         assert torch.equal(a, w), (name, (a.float() - w.float()).abs().max())
-    assert bool((got.k_scale[:, :, list(order)] > 0).all()) and bool((got.v_scale[:, :, order[0]] == 1).all())
+    assert bool((got.v_scale[:, :, order[0]] == 1).all())  # the zero frame
     return "ok"
 '''
 
@@ -111,7 +115,8 @@ def test_fp8_kv_write_kernel_on_gpu_at_5b_chunk():
     """A chunk of 8 frames of 880 tokens into a 32-frame cache, hardware e4m3 conversion."""
     namespace = {}
     exec(WRITE, namespace)
-    assert namespace["check_write"](1, 24, 32, list(range(12, 20)), 880, 128, torch.bfloat16, "cuda", 3) == "ok"
+    assert namespace["check_write"](1, 24, 32, list(range(12, 20)), 880, 128, torch.bfloat16, "cuda", 3,
+                                    nan=True) == "ok"
     assert namespace["check_write"](2, 3, 6, [5, 0], 100, 48, torch.float32, "cuda", 4) == "ok"
 
 

@@ -70,7 +70,6 @@ class FP8KVStorage(_FrameScaledStorage):
         if k.is_cuda and _HAS_TRITON:  # one pass per frame, the same bytes as the eager path below
             from .kernels.kv_quant import fp8_kv_write
 
-            self._slots(index)  # whole frames only
             for x, store, scales in ((k, self.k, self.k_scale), (v, self.v, self.v_scale)):
                 fp8_kv_write(x, index, store, scales, self.tokens_per_frame)
             return

@@ -1,12 +1,13 @@
-"""Triton kernel: the FP8 KV cache's write in one pass per frame (reference twin: `FP8KVStorage.write`'s eager
-path, `kv_storage.FP8KVStorage.quantize` + `index_copy_`).
+"""Triton kernel: the FP8 KV cache's write in one pass per frame (reference twin:
+`kv_storage.FP8KVStorage.write_reference`).
 
 One program per (batch x head, frame of the written chunk): it reads the frame's T x D values twice (amax, then
 quantize; the second read mostly from L2), computes scale = amax / 448 (1 for an all-zero frame; IEEE division,
 as the reference), and stores the e4m3 codes of clamp(x / scale, +-448) at the cache rows `index` names, and the
 scale in its frame slot. The eager path spends five elementwise passes, a reduction and a float32 copy of the
 chunk on the same (`bench e2e`, fp8 KV rows). Codes are made as in `fp8_quant`: the hardware conversion on sm_89+,
-integer rounding under the interpreter; both round to nearest even, so the bytes equal the reference's.
+integer rounding under the interpreter; both round to nearest even, so the bytes equal the reference's. NaN
+propagates as in the twin (a frame holding one gets scale 1 and NaN codes).
 """
 
 from __future__ import annotations
@@ -36,15 +37,18 @@ def _fp8_kv_write_kernel(x_ptr, index_ptr, codes_ptr, scale_ptr, heads, tokens_p
         t = t0 + tl.arange(0, BT)
         ok = (t < tokens_per_frame)[:, None] & (d < D)[None, :]
         x = tl.load(rows + (first + t).to(tl.int64)[:, None] * sxn + d[None, :], mask=ok, other=0.0)
-        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)), propagate_nan=tl.PropagateNan.ALL)
     peak = tl.max(tl.max(amax, axis=1), axis=0)
-    scale = tl.where(peak > 0, tl.math.div_rn(peak, E4M3_MAX), 1.0)
+    nan_seen = tl.max(tl.max((amax != amax).to(tl.int32), axis=1), axis=0)  # the reductions drop NaN
+    scale = tl.where((peak > 0) & (nan_seen == 0), tl.math.div_rn(peak, E4M3_MAX), 1.0)
     for t0 in range(0, tokens_per_frame, BT):
         t = t0 + tl.arange(0, BT)
         ok_t = t < tokens_per_frame
         ok = ok_t[:, None] & (d < D)[None, :]
         x = tl.load(rows + (first + t).to(tl.int64)[:, None] * sxn + d[None, :], mask=ok, other=0.0)
-        v = tl.minimum(tl.maximum(tl.math.div_rn(x.to(tl.float32), scale), -E4M3_MAX), E4M3_MAX)
+        v = tl.math.div_rn(x.to(tl.float32), scale)
+        v = tl.minimum(tl.maximum(v, -E4M3_MAX, propagate_nan=tl.PropagateNan.ALL), E4M3_MAX,
+                       propagate_nan=tl.PropagateNan.ALL)
         if HW_CAST:
             code = v.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
         else:
@@ -65,10 +69,13 @@ def fp8_kv_write(x: torch.Tensor, index: torch.Tensor, codes: torch.Tensor, scal
     b, h, n, d = x.shape
     if n % tokens_per_frame or index.numel() != n:
         raise ValueError(f"fp8 KV write: {n} tokens, {index.numel()} rows, frames of {tokens_per_frame}")
-    if not codes.is_contiguous() or not scale.is_contiguous() or codes.shape[-1] != d:
-        raise ValueError(f"fp8 KV write: codes {tuple(codes.shape)} and scales must be contiguous, head size {d}")
+    if (not codes.is_contiguous() or not scale.is_contiguous() or tuple(codes.shape[:2]) != (b, h)
+            or codes.shape[-1] != d or tuple(scale.shape) != (b, h, codes.shape[2] // tokens_per_frame)):
+        raise ValueError(f"fp8 KV write: x {tuple(x.shape)} into codes {tuple(codes.shape)} and scales "
+                         f"{tuple(scale.shape)} (contiguous, frames of {tokens_per_frame})")
     if x.stride(-1) != 1:
         x = x.contiguous()
+    index = index.contiguous()
     hw = not interpreting() and torch.cuda.get_device_capability(x.device) >= (8, 9)  # e4m3 cvt: sm_89+
     grid = (b * h, n // tokens_per_frame)
     _fp8_kv_write_kernel[grid](
