@@ -126,6 +126,16 @@ def _scale_x128(sc):
 
 
 @triton.jit
+def _grouped_tile(pid, tiles_major, tiles_minor, GROUP: tl.constexpr):
+    """(major, minor) tile of program `pid` in grouped launch order: GROUP consecutive major tiles share each
+    minor tile while it is in L2."""
+    group = GROUP * tiles_minor
+    first = (pid // group) * GROUP
+    size = min(tiles_major - first, GROUP)
+    return first + (pid % group) % size, (pid % group) // size
+
+
+@triton.jit
 def _nvfp4_gemm_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, ga_ptr, gb_ptr, c_ptr,
     M, N, K,
@@ -134,15 +144,8 @@ def _nvfp4_gemm_kernel(
     EVEN_K: tl.constexpr, DECODE_ASM: tl.constexpr = False,
 ):
     """a/b: int32 words [M|N, K/8]; as/bs: uint8 E4M3 [M|N, K/16]; ga/gb: float32 global scales; c [M, N]."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    # Grouped launch order: GROUP_M row tiles share each B column tile while it is in L2.
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    # GROUP_M row tiles share each B column tile while it is in L2
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     # Rows wrap (mod M/N) so loads need no row mask; the store is masked.
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M

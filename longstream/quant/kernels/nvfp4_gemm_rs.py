@@ -25,7 +25,7 @@ import triton.language as tl
 
 from . import interpreting
 from ..nvfp4 import BLOCK, NVFP4Tensor
-from .nvfp4_gemm import _decode_tile, _decode_tile_asm, _scale_x128, _words, nvfp4_dequantize_triton
+from .nvfp4_gemm import _decode_tile, _decode_tile_asm, _grouped_tile, _scale_x128, _words, nvfp4_dequantize_triton
 
 GPU_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_N=8, num_warps=8, num_stages=3)  # untuned
 INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_N=2, num_warps=4, num_stages=1)
@@ -57,15 +57,8 @@ def _nvfp4_gemm_rs_kernel(
     """x: fp16 [M, K] decoded activations; w: int32 words [N, K/8]; ws: uint8 E4M3 [N, K/16]; ga/gb: float32
     global scales; c [M, N]. One program: a BLOCK_N x BLOCK_M tile of C^T. Full K steps run unmasked, then one
     masked step for a K tail (masks in every step would cost the pipelining)."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_m = tl.cdiv(M, BLOCK_M)
-    # Grouped launch order: GROUP_N weight tiles share each activation tile while it is in L2.
-    group = GROUP_N * num_m
-    first_n = (pid // group) * GROUP_N
-    size_n = min(num_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % group) % size_n
-    pid_m = (pid % group) // size_n
+    # GROUP_N weight tiles share each activation tile while it is in L2
+    pid_n, pid_m = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_N)
 
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # rows wrap, so loads need no row mask
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
