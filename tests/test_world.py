@@ -3,6 +3,7 @@
 import random
 
 import pytest
+import torch
 
 from longstream.train.world import (
     BACKGROUNDS,
@@ -54,6 +55,16 @@ def test_render_is_deterministic_and_in_range():
     b, _ = sample_clip(3, 8, 32)
     assert a.shape == (3, 8, 32, 32) and a.min() >= -1 and a.max() <= 1
     assert (a == b).all()
+
+
+@pytest.mark.gpu
+def test_render_on_the_gpu_equals_the_cpu_render():
+    """Training renders its clips on the GPU: the same pixels as the CPU render, 40 random clips of two shots."""
+    for seed in range(40):
+        cpu, shots = sample_clip(seed, 33, 128, shots=2)
+        gpu, gpu_shots = sample_clip(seed, 33, 128, shots=2, device="cuda")
+        assert gpu.device.type == "cuda" and gpu_shots == shots
+        assert torch.equal(gpu.cpu(), cpu)
 
 
 def _inside(shape: str, dx: float, dy: float, r: float) -> bool:

@@ -589,7 +589,7 @@ class VAETrainer(Trainer):
         from .vae_objective import world_videos
 
         return [(world_videos(self.cfg.seed, step, micro, self.cfg.batch_size, self.cfg.clip_frames,
-                              self.preset.height, self.cfg.crop).to(self.device), None)
+                              self.preset.height, self.cfg.crop, self.device), None)
                 for micro in range(self.cfg.grad_accum)]
 
     def loss(self, video: torch.Tensor, text: None, generator: torch.Generator) -> torch.Tensor:

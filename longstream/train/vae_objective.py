@@ -45,14 +45,15 @@ def draw_warm(stream_warmup: int, generator: torch.Generator) -> int:
     return int(torch.randint(1, stream_warmup + 1, (), generator=generator))
 
 
-def world_videos(seed: int, step: int, micro: int, batch: int, frames: int, size: int, crop: int = 0
-                 ) -> torch.Tensor:
-    """[batch, 3, frames, S, S] world clips for micro-batch `micro` of step `step`: rendered at `size` pixels,
-    then (with `crop` > 0) cut to a `crop` x `crop` window at a position drawn from the clip's seed (S = crop)."""
+def world_videos(seed: int, step: int, micro: int, batch: int, frames: int, size: int, crop: int = 0,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """[batch, 3, frames, S, S] world clips for micro-batch `micro` of step `step`: rendered on `device` at `size`
+    pixels, then (with `crop` > 0) cut to a `crop` x `crop` window at a position drawn from the clip's seed
+    (S = crop)."""
     clips = []
     for i in range(batch):
         seed_i = clip_seed(seed, step, micro, i)
-        video = sample_clip(seed_i, frames, size, shots=1 + seed_i % 2)[0]
+        video = sample_clip(seed_i, frames, size, shots=1 + seed_i % 2, device=device)[0]
         if crop:
             rng = random.Random(seed_i)
             y, x = rng.randrange(size - crop + 1), rng.randrange(size - crop + 1)

@@ -68,8 +68,10 @@ def changed_scene(scene: Scene, rng: random.Random) -> Scene:
 
 
 def _mask(shape: str, size: int, cx: torch.Tensor, cy: torch.Tensor, r: float) -> torch.Tensor:
-    """[F, size, size] pixels covered by the shape centred at (cx[f], cy[f]) (float32 tensors of shape [F])."""
-    y, x = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    """[F, size, size] pixels covered by the shape centred at (cx[f], cy[f]) (float32 tensors of shape [F], on
+    the device the mask is made on)."""
+    pixels = torch.arange(size, device=cx.device) + 0.5
+    y, x = torch.meshgrid(pixels, pixels, indexing="ij")
     dx, dy = x - cx[:, None, None], y - cy[:, None, None]
     if shape == "circle":
         return dx * dx + dy * dy <= r * r
@@ -107,18 +109,21 @@ class ObjectTrack:
         self.y = min(max(self.y + dy * self.speed, lo), hi)
 
 
-def render_shot(scene: Scene, xs: list[float], ys: list[float], r: float, size: int) -> torch.Tensor:
-    """Frames [3, F, size, size] in [-1, 1] of one scene with the object centred at (xs[f], ys[f])."""
-    mask = _mask(scene.shape, size, torch.tensor(xs), torch.tensor(ys), r)
-    background = torch.tensor(BACKGROUNDS[scene.background]).view(3, 1, 1, 1)
-    colour = torch.tensor(COLOURS[scene.colour]).view(3, 1, 1, 1)
+def render_shot(scene: Scene, xs: list[float], ys: list[float], r: float, size: int,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """Frames [3, F, size, size] in [-1, 1] of one scene with the object centred at (xs[f], ys[f]), rendered on
+    `device` (the same values on every device: float32 products, sums and comparisons only)."""
+    mask = _mask(scene.shape, size, torch.tensor(xs, device=device), torch.tensor(ys, device=device), r)
+    background = torch.tensor(BACKGROUNDS[scene.background], device=device).view(3, 1, 1, 1)
+    colour = torch.tensor(COLOURS[scene.colour], device=device).view(3, 1, 1, 1)
     return torch.where(mask, colour, background) * 2 - 1
 
 
 def render_clip(
-    scenes: list[Scene], frames_per_shot: list[int], size: int = 128, seed: int = 0
+    scenes: list[Scene], frames_per_shot: list[int], size: int = 128, seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, list[tuple[str, int, int]]]:
-    """Video [3, F, size, size] in [-1, 1] and its shots as (prompt, start_frame, end_frame)."""
+    """Video [3, F, size, size] in [-1, 1] on `device` and its shots as (prompt, start_frame, end_frame)."""
     rng = random.Random(seed)
     track = ObjectTrack(size, rng, scenes[0].motion)
     videos, shots, start = [], [], 0
@@ -128,20 +133,21 @@ def render_clip(
             xs.append(track.x)
             ys.append(track.y)
             track.step(scene.motion)
-        videos.append(render_shot(scene, xs, ys, track.r, size))
+        videos.append(render_shot(scene, xs, ys, track.r, size, device))
         shots.append((scene.prompt, start, start + n))
         start += n
     return torch.cat(videos, dim=1), shots
 
 
-def sample_clip(seed: int, frames: int, size: int = 128, shots: int = 1):
-    """A random clip: `shots` shots of (nearly) equal length, each changing one attribute of the last."""
+def sample_clip(seed: int, frames: int, size: int = 128, shots: int = 1, device: torch.device | str = "cpu"):
+    """A random clip on `device`: `shots` shots of (nearly) equal length, each changing one attribute of the
+    last."""
     rng = random.Random(seed)
     scenes = [random_scene(rng)]
     for _ in range(shots - 1):
         scenes.append(changed_scene(scenes[-1], rng))
     lengths = [frames // shots + (1 if i < frames % shots else 0) for i in range(shots)]
-    return render_clip(scenes, lengths, size, seed)
+    return render_clip(scenes, lengths, size, seed, device)
 
 
 @dataclass(frozen=True)

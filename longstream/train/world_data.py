@@ -45,8 +45,9 @@ def _check_settings(out: Path, settings: dict) -> None:
                         "change it")
 
 
-def _render(first: int, count: int, frames: int, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    clips = [sample_clip(seed + i, frames, size) for i in range(first, first + count)]
+def _render(first: int, count: int, frames: int, size: int, seed: int, device: torch.device | str
+            ) -> tuple[torch.Tensor, list[str]]:
+    clips = [sample_clip(seed + i, frames, size, device=device) for i in range(first, first + count)]
     return torch.stack([video for video, _ in clips]), [shots[0][0] for _, shots in clips]
 
 
@@ -58,8 +59,8 @@ def latent_statistics(vae: AutoencoderKLWan, clips: int, frames: int, size: int,
     total = total_sq = None
     count = 0
     for first in range(0, clips, batch):
-        video, _ = _render(first, min(batch, clips - first), frames, size, seed)
-        z = vae.encode(video.to(param.device, param.dtype)).latent_dist.mean.double()
+        video, _ = _render(first, min(batch, clips - first), frames, size, seed, param.device)
+        z = vae.encode(video.to(param.dtype)).latent_dist.mean.double()
         s, sq = z.sum(dim=(0, 2, 3, 4)), (z * z).sum(dim=(0, 2, 3, 4))
         total, total_sq = (s, sq) if total is None else (total + s, total_sq + sq)
         count += z.numel() // z.shape[1]
@@ -94,8 +95,8 @@ def build_world_dataset(vae_path: str | Path, out: str | Path, *, clips: int, fr
             if all(f"{n}.safetensors" in done for n in names):
                 bar.update(count)
                 continue
-            video, prompts = _render(first, count, frames, size, seed)
-            latents = encode_chunked(vae, video.to(device), num_latent_frames(frames), normalized=True).cpu()
+            video, prompts = _render(first, count, frames, size, seed, device)
+            latents = encode_chunked(vae, video, num_latent_frames(frames), normalized=True).cpu()
             for name, z, prompt in zip(names, latents, prompts):
                 if f"{name}.safetensors" not in done:
                     write_clip(out, name, z, [(prompt, 0, z.shape[1])])
