@@ -35,6 +35,7 @@ from .video_source import clip_seed
 from .world import sample_clip
 
 OBJECT_THRESHOLD = 0.1  # |pixel - frame median| summed over RGB, in [-1, 1] units
+DECODE_PIECE = 4  # latent frames per decoder call in training (decode_unclamped)
 
 
 def draw_warm(stream_warmup: int, generator: torch.Generator) -> int:
@@ -74,22 +75,27 @@ def encode_moments(vae: AutoencoderKLWan, video: torch.Tensor, warm: int = 0) ->
     return vae.quant_conv(torch.cat(out, dim=2))  # a 1x1x1 convolution: per frame
 
 
-def decode_unclamped(vae: AutoencoderKLWan, z: torch.Tensor, warm: int = 0) -> torch.Tensor:
+def decode_unclamped(vae: AutoencoderKLWan, z: torch.Tensor, warm: int = 0, piece: int = DECODE_PIECE
+                     ) -> torch.Tensor:
     """`vae.decode(z).sample` without its final clamp to [-1, 1], which would zero the gradient of every pixel
     that overshoots, for latent frames `warm` on (the video frames from `num_video_frames(warm)`): the first
-    latent frame is decoded alone (a clip start), the first `warm` without gradient, the rest in one call."""
+    latent frame is decoded alone (a clip start), then calls of `piece` latent frames, those before `warm`
+    without gradient. The causal caches carry state and gradient from call to call, so the pieces compute what
+    one call would; fixed-size calls keep cuDNN's autotuner (`cudnn.benchmark`) to a few shapes whatever `warm`
+    is, where one call per part met a new shape for each `warm`."""
+    if piece < 1:
+        raise ValueError(f"piece must be >= 1, got {piece}")
     x = vae.post_quant_conv(z)
+    frames = x.shape[2]
     cache, out = [None] * causal_conv_count(vae.decoder), []
-    parts = [x[:, :, :1], x[:, :, 1:warm], x[:, :, max(warm, 1):]]
-    for i, part in enumerate(parts):
-        first = i == 0
-        if part.shape[2] == 0:
-            continue
-        trained = (first and warm == 0) or i == 2
+    starts = [0] + list(range(1, min(warm, frames), piece)) + list(range(max(warm, 1), frames, piece))
+    for start in starts:
+        end = 1 if start == 0 else min(start + piece, frames, warm if start < warm else frames)
+        trained = start >= warm
         with torch.set_grad_enabled(torch.is_grad_enabled() and trained):
-            frames = vae.decoder(part, feat_cache=cache, feat_idx=[0], first_chunk=first)
+            part = vae.decoder(x[:, :, start:end], feat_cache=cache, feat_idx=[0], first_chunk=start == 0)
         if trained:
-            out.append(frames)
+            out.append(part)
     return torch.cat(out, dim=2)
 
 
@@ -104,8 +110,9 @@ def vae_loss(vae: AutoencoderKLWan, video: torch.Tensor, *, kl_weight: float, ob
     """Reconstruction (object-weighted with `object_weight`) + `kl_weight` * KL of latent frames `warm` on."""
     if not 0 <= warm < num_latent_frames(video.shape[2]):
         raise ValueError(f"warm {warm} leaves no latent frame of a {video.shape[2]}-frame clip to train")
-    posterior = DiagonalGaussianDistribution(encode_moments(vae, video, warm))
-    recon = decode_unclamped(vae, posterior.mean, warm)
+    moments = encode_moments(vae, video, warm)
+    posterior = DiagonalGaussianDistribution(moments.float())  # float32 loss terms under bf16 autocast too
+    recon = decode_unclamped(vae, posterior.mean, warm).float()
     video = video[:, :, num_video_frames(warm):]  # the frames of latents [warm, ...)
     kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar)[:, :, warm:].mean()
     error = (recon - video).abs() + (recon - video).pow(2)
