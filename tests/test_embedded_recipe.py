@@ -99,6 +99,44 @@ def test_vae_resume_repeats_an_uninterrupted_run(tmp_path):
     assert resumed == pytest.approx(straight[2:], rel=1e-5)
 
 
+def test_channels_last_vae_training_follows_the_default_layout(tmp_path):
+    """Weights and clips channels-last (cuDNN's tensor-core layout) train the same VAE: 4 steps of stage-2-like
+    clips (3 latent frames, warm-up drawn), equal losses and checkpoints up to float rounding."""
+    kw = dict(steps=4, save_every=4, clip_frames=9, stream_warmup=2)
+    plain = make_trainer(vae_config(tmp_path, output=str(tmp_path / "a"), **kw))
+    last = make_trainer(vae_config(tmp_path, output=str(tmp_path / "b"), channels_last=True, **kw))
+    assert last.model.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert not last.model.decoder.conv_in.weight.is_contiguous()
+    assert last.run(progress=False) == pytest.approx(plain.run(progress=False), rel=1e-4)
+    a = load_vae(run_weights(tmp_path / "a", ("model.safetensors",))).state_dict()
+    b = load_vae(run_weights(tmp_path / "b", ("model.safetensors",))).state_dict()
+    assert max(float((a[k] - b[k]).norm() / a[k].norm()) for k in a) < 1e-3  # measured 8.7e-5
+
+
+def test_vae_loss_under_bf16_autocast_stays_float32_and_close():
+    """`vae_autocast` runs the VAE's convolutions in bf16; the loss terms are still formed in float32 (CPU
+    autocast here, CUDA in training): within bf16's rounding of the float32 loss."""
+    from longstream.train.vae_objective import vae_loss
+
+    vae = build_vae("test-wan2.1", seed=5)
+    video = world_videos(4, 0, 0, 2, 9, 32)
+    want = vae_loss(vae, video, kl_weight=1e-3, object_weight=9.0, warm=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = vae_loss(vae, video, kl_weight=1e-3, object_weight=9.0, warm=1)
+    assert got.dtype == torch.float32
+    assert float(got) == pytest.approx(float(want), rel=2e-2) and float(got) != float(want)
+
+
+@pytest.mark.gpu
+def test_vae_training_with_bf16_autocast_and_channels_last_on_gpu(tmp_path):
+    """The fast GPU settings train like the float32 default: 6 steps, losses within bf16 rounding."""
+    kw = dict(steps=6, save_every=6, clip_frames=9, stream_warmup=2, device="cuda")
+    plain = make_trainer(vae_config(tmp_path, output=str(tmp_path / "a"), **kw)).run(progress=False)
+    fast = make_trainer(vae_config(tmp_path, output=str(tmp_path / "b"), vae_autocast=True, channels_last=True,
+                                   **kw)).run(progress=False)
+    assert fast == pytest.approx(plain, rel=5e-2) and fast != plain
+
+
 def test_max_seconds_stops_with_a_checkpoint(tmp_path):
     trainer = make_trainer(vae_config(tmp_path, steps=10_000, save_every=10_000, max_seconds=0.5))
     losses = trainer.run(progress=False)
@@ -113,6 +151,8 @@ def test_max_seconds_stops_with_a_checkpoint(tmp_path):
     (dict(output=""), "output"),
     (dict(vae_width=8, init="somewhere"), "with init the VAE file sets"),
     (dict(vae_width=8, objective="flow_matching", data="d"), "vae_width is for objective vae"),
+    (dict(channels_last=True, objective="flow_matching", data="d"), "channels_last is for objective vae"),
+    (dict(vae_autocast="yes"), "vae_autocast must be true or false"),
 ])
 def test_bad_vae_settings(tmp_path, kw, message):
     with pytest.raises(LongstreamError, match=message):
@@ -306,6 +346,31 @@ def test_stream_warmup_trains_the_frames_after_it_as_diffusers_computes_them(war
         kl = 0.5 * (ref.mean.pow(2) + ref.var - 1.0 - ref.logvar)[:, :, warm:].mean().double()
         expected = ((e.abs() + e * e) * w).sum() / w.sum() + 1e-3 * kl
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("warm", [0, 2])
+def test_decoding_in_pieces_gives_one_call_s_frames_and_gradients(warm):
+    """The causal caches carry the gradient from piece to piece: pieces of 1 and 3 latent frames give the frames
+    and the decoder/latent gradients of one call over all frames (float64, 7 latent frames)."""
+    from longstream.train.vae_objective import decode_unclamped
+
+    vae = build_vae("test-wan2.1", seed=6).double()
+    z = torch.randn(1, 16, 7, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    target = torch.randn(1, 3, 25 - (1 + 4 * (warm - 1) if warm else 0), 32, 32, dtype=torch.float64)
+    results = []
+    for piece in (7, 1, 3):
+        vae.zero_grad(set_to_none=True)
+        zp = z.clone().requires_grad_(True)
+        frames = decode_unclamped(vae, zp, warm, piece=piece)
+        ((frames - target) ** 2).mean().backward()
+        results.append((frames.detach(), zp.grad, [p.grad.clone() for p in vae.decoder.parameters()]))
+    (ref, ref_dz, ref_dw), *others = results
+    assert not ref_dz[:, :, :warm].any() and ref_dz[:, :, warm:].abs().min() > 0
+    for frames, dz, dw in others:
+        assert torch.allclose(frames, ref, atol=1e-12) and torch.allclose(dz, ref_dz, atol=1e-12)
+        assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(dw, ref_dw))
+    with pytest.raises(ValueError, match="piece"):
+        decode_unclamped(vae, z, piece=0)
 
 
 def test_draw_warm_trains_clip_starts_half_the_time():

@@ -113,6 +113,8 @@ class TrainConfig:
     crop: int = 0  # vae: train on random crop x crop windows of the rendered frames (0: whole frames)
     vae_width: int = 0  # vae, without init: the VAE's base channel count (0: the preset VAE's)
     stream_warmup: int = 0  # vae: up to this many leading latent frames run without gradient (draw_warm)
+    vae_autocast: bool = False  # vae on CUDA: forward in bf16 autocast (weights, optimizer and loss in float32)
+    channels_last: bool = False  # vae: weights and activations channels-last (NDHWC), cuDNN's tensor-core layout
     max_seconds: float = 0.0  # stop (with a checkpoint) after this much training time; 0: no limit
     save_every: int = 500
     log_every: int = 10
@@ -133,8 +135,9 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a number, got {value!r}")
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name} must be finite and >= 0, got {value!r}")
-        if not isinstance(self.activation_checkpointing, bool):
-            raise ConfigError(f"activation_checkpointing must be true or false, got {self.activation_checkpointing!r}")
+        for name in ("activation_checkpointing", "vae_autocast", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if not self.output:
@@ -157,8 +160,9 @@ class TrainConfig:
             raise ConfigError("vae_width is for a new VAE; with init the VAE file sets the architecture")
         if self.objective == "vae" and (self.clip_frames - 1) % 4:
             raise ConfigError(f"objective vae trains on 1 + 4k video frames: clip_frames {self.clip_frames} is not")
-        if self.stream_warmup and self.objective != "vae":
-            raise ConfigError("stream_warmup is for objective vae")
+        for name in ("stream_warmup", "vae_autocast", "channels_last"):
+            if getattr(self, name) and self.objective != "vae":
+                raise ConfigError(f"{name} is for objective vae")
         if self.stream_warmup > (self.clip_frames - 1) // 4:
             raise ConfigError(f"stream_warmup {self.stream_warmup} leaves no latent frame of the clip to train "
                               f"(clip_frames {self.clip_frames} = {(self.clip_frames - 1) // 4 + 1} latent frames)")
@@ -385,9 +389,10 @@ class Trainer:
 
     def _autocast(self) -> torch.autocast:
         """Transformer objectives on CUDA with `gemm: bf16` run their forward matmuls in bf16 (weights, optimizer
-        and loss stay fp32); the VAE, the CPU, and fp8/nvfp4 training linears run as written (dmd has its own
-        step, not autocast)."""
-        enabled = self.device.type == "cuda" and self.cfg.gemm == "bf16" and self.cfg.objective != "vae"
+        and loss stay fp32), and the VAE with `vae_autocast`; the CPU and fp8/nvfp4 training linears run as
+        written (dmd has its own step, not autocast)."""
+        wanted = self.cfg.vae_autocast if self.cfg.objective == "vae" else self.cfg.gemm == "bf16"
+        enabled = self.device.type == "cuda" and wanted
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def _dmd_step(self, step: int, generator: torch.Generator) -> float:
@@ -583,13 +588,15 @@ class VAETrainer(Trainer):
             vae = build_vae(self.preset.vae.kind, seed=self.cfg.seed, **width).to(self.device)
         if vae.config.patch_size:
             raise ConfigError("objective vae trains VAEs without patchified frames (Wan2.1 layout), not this one")
-        return accelerate(vae).train()  # the CPU fast path (same math, autograd included); see vae/fast.py
+        # the CPU fast path (same math, autograd included) and on CUDA the fused norms; see vae/fast.py
+        return accelerate(vae, channels_last=self.cfg.channels_last).train()
 
     def _micro_batches(self, step: int) -> list[tuple[torch.Tensor, None]]:
         from .vae_objective import world_videos
 
+        layout = torch.channels_last_3d if self.cfg.channels_last else torch.contiguous_format
         return [(world_videos(self.cfg.seed, step, micro, self.cfg.batch_size, self.cfg.clip_frames,
-                              self.preset.height, self.cfg.crop, self.device), None)
+                              self.preset.height, self.cfg.crop, self.device).contiguous(memory_format=layout), None)
                 for micro in range(self.cfg.grad_accum)]
 
     def loss(self, video: torch.Tensor, text: None, generator: torch.Generator) -> torch.Tensor:

@@ -1,0 +1,117 @@
+"""VAE training step speed by precision and layout (the embedded model's two VAE stages; GPU, CPU for a check).
+
+Each variant is a fresh `VAETrainer` (the stage's settings from configs/embedded, `vae_width` 24, object weight 9)
+with one of `--precision` fp32 (TF32 convolutions, the default) / bf16 (`vae_autocast`) and `--layout` ncdhw /
+channels-last (`channels_last`). It runs `--warmup` steps (cuDNN's autotuning, compiled norms), then times
+`--steps` more: the same steps, so the same clips and warm-up depths, in every variant. Stages:
+  stage1: `vae.yaml` (16 clips of 5 frames at 128x128);
+  stage2: `vae_long.yaml` as the deep run sets it (8 clips of 129 frames, 64x64 crops, warm-up depth up to 28).
+Reports seconds per step, TFLOP/s (forward + backward FLOPs of a whole-clip step, counted once per stage with
+torch's FlopCounterMode), the speed-up over the stage's first variant, peak GPU memory and the mean loss of the
+timed steps.
+
+    python bench/vae_train.py [--stages stage1,stage2] [--precision fp32,bf16] [--layout ncdhw,channels-last]
+        [--warmup 8] [--steps 10] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from longstream.train.trainer import TrainConfig, make_trainer
+from longstream.train.vae_objective import vae_loss, world_videos
+
+STAGES = {
+    "stage1": dict(batch_size=16, clip_frames=5, crop=0, stream_warmup=0, lr=4e-4),
+    "stage2": dict(batch_size=8, clip_frames=129, crop=64, stream_warmup=28, lr=2e-4),
+}
+
+
+def config(stage: str, precision: str, layout: str, out: str, device: str) -> TrainConfig:
+    return TrainConfig(objective="vae", preset="embedded", output=out, vae_width=24, object_weight=9.0,
+                       kl_weight=1e-6, max_grad_norm=1.0, steps=10**6, save_every=10**6, device=device,
+                       vae_autocast=precision == "bf16", channels_last=layout == "channels-last",
+                       **STAGES[stage])
+
+
+def step_flops(trainer) -> float:
+    """Forward + backward FLOPs of one step at warm-up depth 0 (the whole clip trained), counted on the trainer's
+    device (its gradients are cleared by the next step)."""
+    cfg = trainer.cfg
+    video = world_videos(cfg.seed, 0, 0, cfg.batch_size, cfg.clip_frames, trainer.preset.height, cfg.crop,
+                         trainer.device)
+    with FlopCounterMode(display=False) as counter:
+        vae_loss(trainer.model, video, kl_weight=cfg.kl_weight, object_weight=cfg.object_weight).backward()
+    return float(counter.get_total_flops())
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(cfg: TrainConfig, warmup: int, steps: int, count_flops: bool) -> dict:
+    """Seconds per timed step, their mean loss, peak GPU memory, and (with `count_flops`) FLOPs per step."""
+    trainer = make_trainer(cfg)
+    device = trainer.device
+    flops = step_flops(trainer) if count_flops else None
+    for _ in range(warmup):
+        trainer.train_step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    losses = [trainer.train_step() for _ in range(steps)]
+    sync(device)
+    seconds = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return dict(step_s=seconds, loss=sum(losses) / len(losses), peak_gib=peak, flops=flops)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--stages", default="stage1,stage2")
+    p.add_argument("--precision", default="fp32,bf16")
+    p.add_argument("--layout", default="ncdhw,channels-last")
+    p.add_argument("--warmup", type=int, default=8, help="untimed steps per variant")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="write the results here")
+    a = p.parse_args()
+    stages, precisions, layouts = (a.stages.split(","), a.precision.split(","), a.layout.split(","))
+    for values, allowed, flag in ((stages, STAGES, "--stages"), (precisions, ("fp32", "bf16"), "--precision"),
+                                  (layouts, ("ncdhw", "channels-last"), "--layout")):
+        if not set(values) <= set(allowed):
+            p.error(f"{flag} takes {', '.join(allowed)}")
+    rows, flops = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for stage, precision, layout in itertools.product(stages, precisions, layouts):
+            cfg = config(stage, precision, layout, str(Path(tmp) / f"{stage}-{precision}-{layout}"), a.device)
+            row = dict(stage=stage, precision=precision, layout=layout,
+                       **measure(cfg, a.warmup, a.steps, count_flops=stage not in flops))
+            flops.setdefault(stage, row.pop("flops"))
+            row.pop("flops", None)
+            row["tflops"] = flops[stage] / row["step_s"] / 1e12
+            row["speedup"] = next((r for r in rows if r["stage"] == stage), row)["step_s"] / row["step_s"]
+            rows.append(row)
+            peak = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.1f}"
+            print(f"{stage}  {precision:4s}  {layout:13s}  {row['step_s']:.3f} s/step  {row['tflops']:6.2f} TFLOP/s  "
+                  f"x{row['speedup']:.2f}  peak {peak} GiB  loss {row['loss']:.4f}", flush=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and a.device != "cpu" else "cpu"
+    result = dict(device=device, date=time.strftime("%Y-%m-%d"), torch=torch.__version__, warmup=a.warmup,
+                  steps=a.steps, stages=STAGES, tflop_per_step={k: v / 1e12 for k, v in flops.items()}, rows=rows)
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
