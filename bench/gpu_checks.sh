@@ -27,7 +27,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
 step gpu_tests 240 python3 -m pytest -q -m gpu tests/
 step kv_attention 90 python3 bench/kv_attention.py --out "$out/kv_attention.json"
 step gemm 120 python3 bench/gemm.py --shapes 14080x14336x3072,7040x3072x3072 --out "$out/gemm.json"
-step vae_decode 90 python3 bench/vae_decode.py --layers fused-cl --cudnn-benchmark off --json "$out/vae_decode.json"
+step vae_decode 120 python3 bench/vae_decode.py --layers fused-cl-subbias,fused-cl --cudnn-benchmark off \
+  --json "$out/vae_decode.json"
 step e2e_kv 240 python3 -m longstream.cli bench e2e --steps 4,2 --linear fp8 --kv-cache dense,fp8 --no-vae --quiet \
   --json "$out/e2e_kv.json"
 exit $rc

@@ -6,7 +6,8 @@ timed ones. Variants are the cross product of
   --layers: `plain` (diffusers' classes), `fast` (`accelerate`, eager), `fused` (`accelerate`, its norm + SiLU
     compiled: `longstream.fused`), `fused-cl` (the same with `accelerate(channels_last=True)`), `fused-cl-3x3`
     (fused-cl with the upsamplers' 3x3 conv on the upsampled image, not `SubPixelUpConv`), `fused-cl-nofold`
-    (fused-cl with cuDNN adding the residual blocks' conv biases, not `FastResidualBlock`'s folded ones);
+    (fused-cl with cuDNN adding the residual blocks' conv biases, not `FastResidualBlock`'s folded ones),
+    `fused-cl-subbias` (fused-cl with cuDNN adding the sub-pixel upsamplers' bias, not `interleave_phases`);
   --frames-per-call: latent frames per decoder call (`StreamingDecoder`);
   --cudnn-benchmark: off / on (cuDNN picks the fastest algorithm per shape on first use).
 Reports seconds per chunk, video FPS, TFLOP/s (convolution FLOPs of diffusers' layers, counted once with torch's
@@ -15,7 +16,7 @@ the output's max difference from the first variant, and for the last variant the
 ops (by input shape) whose own GPU time is largest. Each variant
 builds the VAE afresh from the same seed.
 
-    python bench/vae_decode.py [--layers plain,fast,fused,fused-cl,fused-cl-3x3,fused-cl-nofold]
+    python bench/vae_decode.py [--layers plain,fast,fused,fused-cl,fused-cl-3x3,fused-cl-nofold,fused-cl-subbias]
         [--frames-per-call 4] [--cudnn-benchmark off,on]
         [--chunks 3] [--base-dim N] [--json out.json]
 """
@@ -36,9 +37,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from longstream.config import get_preset
 from longstream.vae import StreamingDecoder, build_vae
 from longstream.fused import fusion
-from longstream.vae.fast import FastResidualBlock, accelerate
+from longstream.vae.fast import FastResidualBlock, SubPixelUpConv, accelerate
 
-LAYERS = ("plain", "fast", "fused", "fused-cl", "fused-cl-3x3", "fused-cl-nofold")
+LAYERS = ("plain", "fast", "fused", "fused-cl", "fused-cl-3x3", "fused-cl-nofold", "fused-cl-subbias")
 
 
 def sync() -> None:
@@ -53,10 +54,11 @@ def build(kind: str, layers: str, dtype: torch.dtype, device: torch.device, base
     if layers == "plain" or device == "meta":
         return vae
     accelerate(vae, channels_last=layers.startswith("fused-cl"), sub_pixel=layers != "fused-cl-3x3")
-    if layers == "fused-cl-nofold":
-        for block in vae.modules():
-            if isinstance(block, FastResidualBlock):
-                block.fold_bias = False
+    for block in vae.modules():
+        if layers == "fused-cl-nofold" and isinstance(block, FastResidualBlock):
+            block.fold_bias = False
+        if layers == "fused-cl-subbias" and isinstance(block, SubPixelUpConv):
+            block.fold_bias = False
     return vae
 
 

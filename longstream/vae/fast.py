@@ -19,7 +19,8 @@ heads (folded into the norm: the owner's `nonlinearity` becomes Identity), run a
 `FastDupUp3D` keeps channels-last activations channels-last, and `SubPixelUpConv` runs the decoder's 2x nearest
 upsample + 3x3 conv as four 2x2 convs on the small image (2.25x fewer FLOPs in those layers, ~7.5% of the Wan2.2
 decoder's, and no upsampled copy in float32). `FastResidualBlock` adds the convs' biases inside the compiled norm
-and residual add instead of cuDNN's separate, strided bias pass.
+and residual add instead of cuDNN's separate, strided bias pass; `SubPixelUpConv` likewise adds its bias while
+it interleaves the four phases (`interleave_phases`).
 
 Parameters and state dict are unchanged (the new classes subclass diffusers' ones), so `accelerate` can be
 applied to any loaded VAE, once. The convolution takes cuDNN's path for non-CPU or non-float32 tensors; the
@@ -202,10 +203,15 @@ class SubPixelUpConv(torch.nn.Sequential):
             self._phases = (key, kernel, bias)
         return kernel, bias
 
+    fold_bias: bool | None = None  # add the bias in `interleave_phases` (None: where `fused` compiles)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel, bias = self._phase_conv()
         n, _, h, wd = x.shape
         o = kernel.shape[0] // 4
+        if fused.compiles(x) if self.fold_bias is None else self.fold_bias:
+            y = F.conv2d(x, kernel, padding=1)
+            return fused.run(interleave_phases, y, self[1].bias, h, wd, _channels_last(x))
         y = F.conv2d(x, kernel, bias, padding=1).view(n, 2, 2, o, h + 1, wd + 1)
         if y.stride(3) == 1 and not y.is_contiguous():  # channels-last: [n, i, a, j, b, o] in memory
             out = y.new_empty(n, h, 2, wd, 2, o).permute(0, 5, 1, 2, 3, 4)
@@ -215,6 +221,21 @@ class SubPixelUpConv(torch.nn.Sequential):
             for b in (0, 1):
                 out[:, :, :, a, :, b] = y[:, a, b, :, a:a + h, b:b + wd]
         return out.reshape(n, o, 2 * h, 2 * wd)  # a view in either layout
+
+
+def interleave_phases(y: torch.Tensor, bias: torch.Tensor | None, h: int, w: int, channels_last: bool
+                      ) -> torch.Tensor:
+    """`SubPixelUpConv`'s output [n, o, 2h, 2w] from its phase conv's [n, 4 o, h + 1, w + 1] (without bias): phase
+    (a, b)'s (h, w) window at rows 2i + a and columns 2j + b, plus the bias, in one pass when compiled (cuDNN adds
+    a bias in a separate strided pass over the larger padded output: bench/RESULTS.md), laid out channels-last or
+    contiguous."""
+    n, o = y.shape[0], y.shape[1] // 4
+    phases = y.view(n, 2, 2, o, h + 1, w + 1)
+    rows = [torch.stack([phases[:, a, b, :, a:a + h, b:b + w] for b in (0, 1)], dim=-1) for a in (0, 1)]
+    out = torch.stack(rows, dim=3).reshape(n, o, 2 * h, 2 * w)  # [n, o, h, a, w, b] -> rows 2i + a, cols 2j + b
+    if bias is not None:
+        out = out + bias.view(1, -1, 1, 1)
+    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _is_upsample_body(module: torch.nn.Module) -> bool:
