@@ -1,14 +1,16 @@
 """VAE training step speed by precision and layout (the embedded model's two VAE stages; GPU, CPU for a check).
 
-Each variant is a fresh `VAETrainer` (the stage's settings from configs/embedded, `vae_width` 24, object weight 9)
+Each variant is a fresh `VAETrainer` (the stage's config from configs/embedded with the next run's overrides)
 with one of `--precision` fp32 (TF32 convolutions, the default) / bf16 (`vae_autocast`) and `--layout` ncdhw /
 channels-last (`channels_last`). It runs `--warmup` steps (cuDNN's autotuning, compiled norms), then times
 `--steps` more: the same steps, so the same clips and warm-up depths, in every variant. Stages:
-  stage1: `vae.yaml` (16 clips of 5 frames at 128x128);
-  stage2: `vae_long.yaml` as the deep run sets it (8 clips of 129 frames, 64x64 crops, warm-up depth up to 28).
+  stage1: `vae.yaml` (16 clips of 5 frames at 128x128), width 24, object weight 9;
+  stage2: `vae_long.yaml` as the deep run sets it (8 clips of 129 frames, 64x64 crops, warm-up depth up to 28)
+    on a new width-24 VAE.
 Reports seconds per step, TFLOP/s (forward + backward FLOPs of a whole-clip step, counted once per stage with
-torch's FlopCounterMode), the speed-up over the stage's first variant, peak GPU memory and the mean loss of the
-timed steps.
+torch's FlopCounterMode; stage 2's steps with a warm-up depth do less, so its figure is an upper bound), the
+speed-up over the stage's first variant, peak GPU memory and the mean loss of the timed steps. bf16 needs a CUDA
+device (`vae_autocast`).
 
     python bench/vae_train.py [--stages stage1,stage2] [--precision fp32,bf16] [--layout ncdhw,channels-last]
         [--warmup 8] [--steps 10] [--json out.json]
@@ -17,6 +19,7 @@ timed steps.
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import tempfile
@@ -26,20 +29,23 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from longstream.devices import resolve_device
 from longstream.train.trainer import TrainConfig, make_trainer
 from longstream.train.vae_objective import vae_loss, world_videos
 
-STAGES = {
-    "stage1": dict(batch_size=16, clip_frames=5, crop=0, stream_warmup=0, lr=4e-4),
-    "stage2": dict(batch_size=8, clip_frames=129, crop=64, stream_warmup=28, lr=2e-4),
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "embedded"
+STAGES = {  # config file and the settings the next run overrides (docs/embedded.md, "What it needs next")
+    "stage1": ("vae.yaml", dict(vae_width=24, object_weight=9.0)),
+    "stage2": ("vae_long.yaml", dict(init=None, vae_width=24, object_weight=9.0, clip_frames=129, batch_size=8,
+                                     stream_warmup=28)),
 }
 
 
 def config(stage: str, precision: str, layout: str, out: str, device: str) -> TrainConfig:
-    return TrainConfig(objective="vae", preset="embedded", output=out, vae_width=24, object_weight=9.0,
-                       kl_weight=1e-6, max_grad_norm=1.0, steps=10**6, save_every=10**6, device=device,
-                       vae_autocast=precision == "bf16", channels_last=layout == "channels-last",
-                       **STAGES[stage])
+    name, overrides = STAGES[stage]
+    return TrainConfig.from_yaml(CONFIGS / name, {
+        **overrides, "output": out, "device": device, "steps": 10**6, "save_every": 10**6, "max_seconds": 0,
+        "vae_autocast": precision == "bf16", "channels_last": layout == "channels-last"})
 
 
 def step_flops(trainer) -> float:
@@ -55,7 +61,7 @@ def step_flops(trainer) -> float:
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def measure(cfg: TrainConfig, warmup: int, steps: int, count_flops: bool) -> dict:
@@ -67,13 +73,18 @@ def measure(cfg: TrainConfig, warmup: int, steps: int, count_flops: bool) -> dic
         trainer.train_step()
     sync(device)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     losses = [trainer.train_step() for _ in range(steps)]
     sync(device)
     seconds = (time.perf_counter() - start) / steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return dict(step_s=seconds, loss=sum(losses) / len(losses), peak_gib=peak, flops=flops)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    del trainer  # the next variant starts from an empty GPU
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return dict(step_s=seconds, loss=sum(losses) / len(losses), peak_gib=peak, flops=flops,
+                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
 
 
 def main() -> None:
@@ -86,6 +97,10 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args()
+    if a.steps < 1 or a.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    if "bf16" in a.precision.split(",") and resolve_device(a.device).type != "cuda":
+        p.error("--precision bf16 (vae_autocast) needs a CUDA device")
     stages, precisions, layouts = (a.stages.split(","), a.precision.split(","), a.layout.split(","))
     for values, allowed, flag in ((stages, STAGES, "--stages"), (precisions, ("fp32", "bf16"), "--precision"),
                                   (layouts, ("ncdhw", "channels-last"), "--layout")):
@@ -98,15 +113,13 @@ def main() -> None:
             row = dict(stage=stage, precision=precision, layout=layout,
                        **measure(cfg, a.warmup, a.steps, count_flops=stage not in flops))
             flops.setdefault(stage, row.pop("flops"))
-            row.pop("flops", None)
             row["tflops"] = flops[stage] / row["step_s"] / 1e12
             row["speedup"] = next((r for r in rows if r["stage"] == stage), row)["step_s"] / row["step_s"]
             rows.append(row)
             peak = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.1f}"
             print(f"{stage}  {precision:4s}  {layout:13s}  {row['step_s']:.3f} s/step  {row['tflops']:6.2f} TFLOP/s  "
                   f"x{row['speedup']:.2f}  peak {peak} GiB  loss {row['loss']:.4f}", flush=True)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and a.device != "cpu" else "cpu"
-    result = dict(device=device, date=time.strftime("%Y-%m-%d"), torch=torch.__version__, warmup=a.warmup,
+    result = dict(device=rows[-1]["device"], date=time.strftime("%Y-%m-%d"), torch=torch.__version__, warmup=a.warmup,
                   steps=a.steps, stages=STAGES, tflop_per_step={k: v / 1e12 for k, v in flops.items()}, rows=rows)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)

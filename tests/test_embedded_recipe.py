@@ -113,18 +113,29 @@ def test_channels_last_vae_training_follows_the_default_layout(tmp_path):
     assert max(float((a[k] - b[k]).norm() / a[k].norm()) for k in a) < 1e-3  # measured 8.7e-5
 
 
-def test_vae_loss_under_bf16_autocast_stays_float32_and_close():
-    """`vae_autocast` runs the VAE's convolutions in bf16; the loss terms are still formed in float32 (CPU
-    autocast here, CUDA in training): within bf16's rounding of the float32 loss."""
-    from longstream.train.vae_objective import vae_loss
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_vae_loss_keeps_the_posterior_in_at_least_float32(dtype, monkeypatch):
+    """The KL is formed from float32 moments under bf16 autocast (CPU autocast here, CUDA in training: the
+    encoder's moments come out bf16) and from float64 ones for a float64 VAE, whose decoder then still gets its
+    own dtype (the loss equals the float32 VAE's to float32 rounding)."""
+    from longstream.train import vae_objective
 
+    seen = []
+    real = vae_objective.DiagonalGaussianDistribution
+    monkeypatch.setattr(vae_objective, "DiagonalGaussianDistribution",
+                        lambda moments: seen.append(moments.dtype) or real(moments))
     vae = build_vae("test-wan2.1", seed=5)
     video = world_videos(4, 0, 0, 2, 9, 32)
-    want = vae_loss(vae, video, kl_weight=1e-3, object_weight=9.0, warm=1)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = vae_loss(vae, video, kl_weight=1e-3, object_weight=9.0, warm=1)
-    assert got.dtype == torch.float32
-    assert float(got) == pytest.approx(float(want), rel=2e-2) and float(got) != float(want)
+    want = vae_objective.vae_loss(vae, video, kl_weight=1e-3, object_weight=9.0, warm=1)
+    if dtype == torch.float64:
+        got = vae_objective.vae_loss(vae.double(), video.double(), kl_weight=1e-3, object_weight=9.0, warm=1)
+        assert seen == [torch.float32, torch.float64]
+        assert float(got) == pytest.approx(float(want), rel=1e-5)
+    else:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = vae_objective.vae_loss(vae, video, kl_weight=1e-3, object_weight=9.0, warm=1)
+        assert seen == [torch.float32, torch.float32] and got.dtype == torch.float32
+        assert float(got) == pytest.approx(float(want), rel=2e-2) and float(got) != float(want)
 
 
 @pytest.mark.gpu
@@ -154,6 +165,7 @@ def test_max_seconds_stops_with_a_checkpoint(tmp_path):
     (dict(vae_width=8, objective="flow_matching", data="d"), "vae_width is for objective vae"),
     (dict(channels_last=True, objective="flow_matching", data="d"), "channels_last is for objective vae"),
     (dict(vae_autocast="yes"), "vae_autocast must be true or false"),
+    (dict(vae_autocast=True), "vae_autocast is bf16 autocast on CUDA; this run's device is cpu"),
 ])
 def test_bad_vae_settings(tmp_path, kw, message):
     with pytest.raises(LongstreamError, match=message):
@@ -349,20 +361,20 @@ def test_stream_warmup_trains_the_frames_after_it_as_diffusers_computes_them(war
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
 
 
-@pytest.mark.parametrize("warm", [0, 2])
+@pytest.mark.parametrize("warm", [0, 2, 5])
 def test_decoding_in_pieces_gives_one_call_s_frames_and_gradients(warm):
-    """The causal caches carry the gradient from piece to piece: pieces of 1 and 3 latent frames give the frames
-    and the decoder/latent gradients of one call over all frames (float64, 7 latent frames)."""
+    """The causal caches carry the gradient from piece to piece: pieces of 1, 3 and DECODE_PIECE latent frames
+    give the frames and the decoder/latent gradients of 7-frame pieces (one call after the warm-up), float64."""
     from longstream.train.vae_objective import decode_unclamped
 
     vae = build_vae("test-wan2.1", seed=6).double()
     z = torch.randn(1, 16, 7, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     target = torch.randn(1, 3, 25 - (1 + 4 * (warm - 1) if warm else 0), 32, 32, dtype=torch.float64)
     results = []
-    for piece in (7, 1, 3):
+    for piece in (7, 1, 3, None):
         vae.zero_grad(set_to_none=True)
         zp = z.clone().requires_grad_(True)
-        frames = decode_unclamped(vae, zp, warm, piece=piece)
+        frames = decode_unclamped(vae, zp, warm, piece=piece) if piece else decode_unclamped(vae, zp, warm)
         ((frames - target) ** 2).mean().backward()
         results.append((frames.detach(), zp.grad, [p.grad.clone() for p in vae.decoder.parameters()]))
     (ref, ref_dz, ref_dw), *others = results

@@ -114,7 +114,7 @@ class TrainConfig:
     vae_width: int = 0  # vae, without init: the VAE's base channel count (0: the preset VAE's)
     stream_warmup: int = 0  # vae: up to this many leading latent frames run without gradient (draw_warm)
     vae_autocast: bool = False  # vae on CUDA: forward in bf16 autocast (weights, optimizer and loss in float32)
-    channels_last: bool = False  # vae: weights and activations channels-last (NDHWC), cuDNN's tensor-core layout
+    channels_last: bool = False  # vae: weights and clips channels-last (NDHWC), cuDNN's tensor-core layout (CUDA)
     max_seconds: float = 0.0  # stop (with a checkpoint) after this much training time; 0: no limit
     save_every: int = 500
     log_every: int = 10
@@ -233,6 +233,8 @@ class Trainer:
     def _build(self, world: int) -> None:
         config = self.cfg
         self.device = self.ctx.device
+        if config.vae_autocast and self.device.type != "cuda":
+            raise ConfigError(f"vae_autocast is bf16 autocast on CUDA; this run's device is {self.device}")
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights, TF32 tensor-core matmuls
             torch.backends.cudnn.allow_tf32 = True
@@ -588,7 +590,7 @@ class VAETrainer(Trainer):
             vae = build_vae(self.preset.vae.kind, seed=self.cfg.seed, **width).to(self.device)
         if vae.config.patch_size:
             raise ConfigError("objective vae trains VAEs without patchified frames (Wan2.1 layout), not this one")
-        # the CPU fast path (same math, autograd included) and on CUDA the fused norms; see vae/fast.py
+        # the CPU fast path (same math, autograd included); on CUDA, steps without gradient use compiled norms
         return accelerate(vae, channels_last=self.cfg.channels_last).train()
 
     def _micro_batches(self, step: int) -> list[tuple[torch.Tensor, None]]:

@@ -111,8 +111,9 @@ def vae_loss(vae: AutoencoderKLWan, video: torch.Tensor, *, kl_weight: float, ob
     if not 0 <= warm < num_latent_frames(video.shape[2]):
         raise ValueError(f"warm {warm} leaves no latent frame of a {video.shape[2]}-frame clip to train")
     moments = encode_moments(vae, video, warm)
-    posterior = DiagonalGaussianDistribution(moments.float())  # float32 loss terms under bf16 autocast too
-    recon = decode_unclamped(vae, posterior.mean, warm).float()
+    # the posterior (its KL) in at least float32, also from bf16 moments under autocast; decoded in the VAE's dtype
+    posterior = DiagonalGaussianDistribution(moments.to(torch.promote_types(moments.dtype, torch.float32)))
+    recon = decode_unclamped(vae, posterior.mean.to(moments.dtype), warm)
     video = video[:, :, num_video_frames(warm):]  # the frames of latents [warm, ...)
     kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar)[:, :, warm:].mean()
     error = (recon - video).abs() + (recon - video).pow(2)

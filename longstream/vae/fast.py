@@ -234,7 +234,7 @@ def interleave_phases(y: torch.Tensor, bias: torch.Tensor | None, h: int, w: int
     rows = [torch.stack([phases[:, a, b, :, a:a + h, b:b + w] for b in (0, 1)], dim=-1) for a in (0, 1)]
     out = torch.stack(rows, dim=3).reshape(n, o, 2 * h, 2 * w)  # [n, o, h, a, w, b] -> rows 2i + a, cols 2j + b
     if bias is not None:
-        out = out + bias.view(1, -1, 1, 1)
+        out = out + bias.to(out.dtype).view(1, -1, 1, 1)  # the conv's dtype (bf16 under autocast)
     return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
