@@ -22,8 +22,8 @@ from longstream.vae.fast import (
     FastResidualBlock,
     FastRMSNorm,
     SubPixelUpConv,
-    interleave_phases,
     accelerate,
+    interleave_phases,
     memory_format,
 )
 

@@ -211,7 +211,7 @@ class SubPixelUpConv(torch.nn.Sequential):
         o = kernel.shape[0] // 4
         if fused.compiles(x) if self.fold_bias is None else self.fold_bias:
             y = F.conv2d(x, kernel, padding=1)
-            return fused.run(interleave_phases, y, self[1].bias, h, wd, _channels_last(x))
+            return fused.run(interleave_phases, y, self[1].bias, h, wd, _channels_last(y))
         y = F.conv2d(x, kernel, bias, padding=1).view(n, 2, 2, o, h + 1, wd + 1)
         if y.stride(3) == 1 and not y.is_contiguous():  # channels-last: [n, i, a, j, b, o] in memory
             out = y.new_empty(n, h, 2, wd, 2, o).permute(0, 5, 1, 2, 3, 4)
