@@ -23,6 +23,7 @@ from longstream.vae.fast import (
     FastRMSNorm,
     SubPixelUpConv,
     accelerate,
+    dup_up_channels_last,
     interleave_phases,
     memory_format,
 )
@@ -119,6 +120,9 @@ def test_fast_dup_up_equals_diffusers_and_stays_channels_last(c_in, c_out, facto
     assert torch.equal(fast(x, first_chunk), plain(x, first_chunk))  # contiguous input: diffusers' path
 
 
+NO_CXX = not any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
 def upsample_bodies(c_in: int, c_out: int) -> tuple[torch.nn.Sequential, SubPixelUpConv]:
     """A float64 2x nearest upsample + 3x3 conv (plain float64 upsampling, the reference) and its
     SubPixelUpConv twin with the same weights."""
@@ -155,7 +159,18 @@ def test_sub_pixel_upsample_conv_equals_upsample_then_conv(h, w, channels_last, 
         assert torch.allclose(a.grad, b.grad, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="Inductor needs a C++ compiler")
+@pytest.mark.skipif(NO_CXX, reason="Inductor needs a C++ compiler")
+def test_compiled_dup_up_keeps_values_and_layout():
+    """Compiled (as `fused.run` does on CUDA; Inductor's CPU backend here) `dup_up_channels_last` equals its eager
+    twin and its output is channels-last, as the next layers expect."""
+    x = torch.randn(2, 8, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d)
+    want = dup_up_channels_last(x, 4, 4, 2, 2)  # 8 channels x 4 = 4 x (2 x 2 x 2)
+    got = torch.compile(dup_up_channels_last, fullgraph=True)(x, 4, 4, 2, 2)
+    assert want.is_contiguous(memory_format=torch.channels_last_3d)
+    assert got.is_contiguous(memory_format=torch.channels_last_3d) and torch.equal(got, want)
+
+
+@pytest.mark.skipif(NO_CXX, reason="Inductor needs a C++ compiler")
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_compiled_phase_interleave_keeps_values_and_layout(channels_last):
     """Compiled (as `fused.run` does on CUDA; Inductor's CPU backend here) `interleave_phases` equals its eager

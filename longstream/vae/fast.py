@@ -16,7 +16,7 @@ On CUDA (the Wan2.2 VAE decoding 704x1280 on an H200, bench/RESULTS.md), the con
 peak but elementwise work took about half the time. The norm, and the SiLU that follows it in residual blocks and
 heads (folded into the norm: the owner's `nonlinearity` becomes Identity), run as one compiled kernel
 (`longstream.fused`); the causal convs pad space inside the convolution instead of copying the input padded;
-`FastDupUp3D` keeps channels-last activations channels-last, and `SubPixelUpConv` runs the decoder's 2x nearest
+`FastDupUp3D` keeps channels-last activations channels-last (one compiled pass), and `SubPixelUpConv` runs the decoder's 2x nearest
 upsample + 3x3 conv as four 2x2 convs on the small image (2.25x fewer FLOPs in those layers, ~7.5% of the Wan2.2
 decoder's, and no upsampled copy in float32). `FastResidualBlock` adds the convs' biases inside the compiled norm
 and residual add instead of cuDNN's separate, strided bias pass; `SubPixelUpConv` likewise adds its bias while
@@ -160,12 +160,19 @@ class FastDupUp3D(DupUp3D):
     def forward(self, x: torch.Tensor, first_chunk: bool = False) -> torch.Tensor:
         if not _channels_last(x):
             return super().forward(x, first_chunk)
-        b, _, t, h, w = x.shape
-        ft, fs = self.factor_t, self.factor_s
-        y = x.permute(0, 2, 3, 4, 1).repeat_interleave(self.repeats, dim=-1)  # [B, T, H, W, C_out*ft*fs*fs]
-        y = y.view(b, t, h, w, self.out_channels, ft, fs, fs).permute(0, 1, 5, 2, 6, 3, 7, 4).contiguous()
-        y = y.view(b, t * ft, h * fs, w * fs, self.out_channels).permute(0, 4, 1, 2, 3)
-        return y[:, :, ft - 1:] if first_chunk else y
+        y = fused.run(dup_up_channels_last, x, self.repeats, self.out_channels, self.factor_t, self.factor_s)
+        return y[:, :, self.factor_t - 1:] if first_chunk else y
+
+
+def dup_up_channels_last(x: torch.Tensor, repeats: int, out_channels: int, ft: int, fs: int) -> torch.Tensor:
+    """`FastDupUp3D`'s body on a channels-last [B, C, T, H, W]: each channel repeated `repeats` times, then the
+    channels spread over (ft, fs, fs) sub-positions of time and space, the result channels-last. Compiled (CUDA
+    inference), one pass that reads x once: eager, the repeat and the permute are two copies of the large result
+    (9.1 and 13.1 ms of a 5B chunk, bench/RESULTS.md)."""
+    b, _, t, h, w = x.shape
+    y = x.permute(0, 2, 3, 4, 1).repeat_interleave(repeats, dim=-1)  # [B, T, H, W, C_out*ft*fs*fs]
+    y = y.view(b, t, h, w, out_channels, ft, fs, fs).permute(0, 1, 5, 2, 6, 3, 7, 4).contiguous()
+    return y.view(b, t * ft, h * fs, w * fs, out_channels).permute(0, 4, 1, 2, 3)
 
 
 def _phase_taps(w: torch.Tensor, dim: int) -> torch.Tensor:
