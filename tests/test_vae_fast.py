@@ -136,17 +136,20 @@ def upsample_bodies(c_in: int, c_out: int) -> tuple[torch.nn.Sequential, SubPixe
 
 
 @pytest.mark.parametrize("fold_bias", [False, True])
-@pytest.mark.parametrize("h,w,channels_last", [(5, 7, False), (4, 6, True), (1, 1, False), (3, 2, True)])
-def test_sub_pixel_upsample_conv_equals_upsample_then_conv(h, w, channels_last, fold_bias):
+@pytest.mark.parametrize("h,w,channels_last,input_layout", [
+    (5, 7, False, None), (4, 6, True, None), (1, 1, False, None), (3, 2, True, None),
+    (4, 6, True, torch.contiguous_format),  # an NCHW input (as attention returns) to channels-last weights
+])
+def test_sub_pixel_upsample_conv_equals_upsample_then_conv(h, w, channels_last, input_layout, fold_bias):
     """Four 2x2 phase convs on the small image equal the 2x nearest upsample + 3x3 conv (float64), values and
-    gradients, and keep the input's layout; with the bias added by cuDNN or in `interleave_phases`."""
+    gradients, and keep the weights' layout; with the bias added by cuDNN or in `interleave_phases`."""
     torch.manual_seed(h * 10 + w)
     plain, fast = upsample_bodies(6, 5)
     fast.fold_bias = fold_bias
     layout = torch.channels_last if channels_last else torch.contiguous_format
     fast[1].weight.data = fast[1].weight.data.contiguous(memory_format=layout)
     x = torch.randn(3, 6, h, w, dtype=torch.float64, requires_grad=True)
-    x2 = x.detach().contiguous(memory_format=layout).requires_grad_()
+    x2 = x.detach().contiguous(memory_format=input_layout or layout).requires_grad_()
     ref, out = plain(x), fast(x2)
     assert out.shape == ref.shape == (3, 5, 2 * h, 2 * w)
     assert (out - ref).abs().max() < 1e-12 * ref.abs().max()

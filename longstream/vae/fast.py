@@ -16,9 +16,9 @@ On CUDA (the Wan2.2 VAE decoding 704x1280 on an H200, bench/RESULTS.md), the con
 peak but elementwise work took about half the time. The norm, and the SiLU that follows it in residual blocks and
 heads (folded into the norm: the owner's `nonlinearity` becomes Identity), run as one compiled kernel
 (`longstream.fused`); the causal convs pad space inside the convolution instead of copying the input padded;
-`FastDupUp3D` keeps channels-last activations channels-last (one compiled pass), and `SubPixelUpConv` runs the decoder's 2x nearest
-upsample + 3x3 conv as four 2x2 convs on the small image (2.25x fewer FLOPs in those layers, ~7.5% of the Wan2.2
-decoder's, and no upsampled copy in float32). `FastResidualBlock` adds the convs' biases inside the compiled norm
+`FastDupUp3D` keeps channels-last activations channels-last (one compiled pass), and `SubPixelUpConv` runs the
+decoder's 2x nearest upsample + 3x3 conv as four 2x2 convs on the small image (2.25x fewer FLOPs in those layers,
+~7.5% of the Wan2.2 decoder's, and no upsampled copy in float32). `FastResidualBlock` adds the convs' biases inside the compiled norm
 and residual add instead of cuDNN's separate, strided bias pass; `SubPixelUpConv` likewise adds its bias while
 it interleaves the four phases (`interleave_phases`).
 
