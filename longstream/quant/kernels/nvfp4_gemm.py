@@ -204,6 +204,16 @@ _nvfp4_gemm_autotuned = triton.autotune(
 )(_nvfp4_gemm_kernel)
 
 
+def check_operands(a: NVFP4Tensor, b: NVFP4Tensor) -> int:
+    """K of a W4A4 product ``a [..., M, K] @ b [N, K]^T``; ValueError unless b is [N, K] and K % 16 == 0."""
+    k = a.shape[-1]
+    if b.data.dim() != 2 or b.shape[-1] != k:
+        raise ValueError(f"nvfp4 matmul: b must be [N, K] with K={k}, got {tuple(b.shape)}")
+    if k % BLOCK:
+        raise ValueError(f"nvfp4 matmul needs K % 16 == 0, got K={k}")
+    return k
+
+
 def _words(q: NVFP4Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """2D views: packed codes as int32 words [R, K/8] and scales as uint8 [R, K/16]."""
     k = q.shape[-1]
@@ -232,11 +242,7 @@ def nvfp4_matmul_triton(
     """
     from . import interpreting
 
-    k = a.shape[-1]
-    if b.data.dim() != 2 or b.shape[-1] != k:
-        raise ValueError(f"nvfp4 matmul: b must be [N, K] with K={k}, got {tuple(b.shape)}")
-    if k % BLOCK:
-        raise ValueError(f"nvfp4 matmul needs K % 16 == 0, got K={k}")
+    k = check_operands(a, b)
     lead = a.shape[:-1]
     aw, asc = _words(a)
     bw, bsc = _words(b)

@@ -24,8 +24,16 @@ import triton
 import triton.language as tl
 
 from . import interpreting
-from ..nvfp4 import BLOCK, NVFP4Tensor
-from .nvfp4_gemm import _decode_tile, _decode_tile_asm, _grouped_tile, _scale_x128, _words, nvfp4_dequantize_triton
+from ..nvfp4 import NVFP4Tensor
+from .nvfp4_gemm import (
+    _decode_tile,
+    _decode_tile_asm,
+    _grouped_tile,
+    _scale_x128,
+    _words,
+    check_operands,
+    nvfp4_dequantize_triton,
+)
 
 GPU_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_N=8, num_warps=8, num_stages=3)  # untuned
 INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_N=2, num_warps=4, num_stages=1)
@@ -99,11 +107,7 @@ def nvfp4_matmul_rs(a: NVFP4Tensor, b: NVFP4Tensor, *, out_dtype: torch.dtype = 
     the GEMM. ``config``: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_N, num_warps, num_stages (default GPU_CONFIG, or
     INTERPRET_CONFIG in Triton's interpreter). ``decode_asm``: b's decode in inline PTX (default on GPU) or in
     plain Triton ops (the interpreter's only choice)."""
-    k = a.shape[-1]
-    if b.data.dim() != 2 or b.shape[-1] != k:
-        raise ValueError(f"nvfp4 matmul: b must be [N, K] with K={k}, got {tuple(b.shape)}")
-    if k % BLOCK:
-        raise ValueError(f"nvfp4 matmul needs K % 16 == 0, got K={k}")
+    k = check_operands(a, b)
     lead = a.shape[:-1]
     x = nvfp4_dequantize_triton(a, dtype=torch.float16).reshape(-1, k)  # e2m1 * scale, exact
     bw, bsc = _words(b)
