@@ -14,8 +14,7 @@ import json
 import random
 from pathlib import Path
 
-import torch
-
+from longstream.devices import resolve_device
 from longstream.eval.world_eval import round_trip_error
 from longstream.train.world import random_scene
 from longstream.vae.checkpoints import load_vae
@@ -34,7 +33,7 @@ def main() -> None:
         p.error(f"--frames must be 1 + 4k, got {a.frames}")
     rng = random.Random(a.seed)
     scenes = [random_scene(rng) for _ in range(a.clips)]
-    vae = load_vae(a.vae, device="cuda" if torch.cuda.is_available() else "cpu")
+    vae = load_vae(a.vae, device=resolve_device("auto"))
     errors = round_trip_error(vae, scenes, a.frames, seed=a.seed)
     mean, worst = errors.mean(0), errors.max(0).values
     shown = list(range(0, a.frames, a.every))
