@@ -5,6 +5,12 @@
 #   QUICK=1 runs 2 steps of each stage on 16 clips (a smoke test of the recipe; use a fresh checkout or remove
 #     runs/embedded first) and exports to runs/embedded/export_quick;
 #   EXPORT=DIR writes the exported files to DIR instead of the package; QUIET=1 hides progress bars;
+#   VAE=FILE makes the world stage encode with that VAE instead of vae_long's (e.g. configs/embedded/trained_vae.safetensors,
+#     the VAE of stages 1-2 from the 2026-12-02 run: then STAGES="world base tf dmd lora export");
+#   BUDGET=SECONDS ends the whole script within that time: each training stage gets max_seconds = what is left
+#     (less RESERVE=25 s per stage still to run:
+#     start-up and the last checkpoint took ~21 s a stage on an H200) in the ratio of the configs' max_seconds of the training stages
+#     still to run (its ARGS_<stage> max_seconds, if any, is overridden);
 #   ARGS_<stage>="--set KEY=VALUE ..." passes overrides to that training stage (e.g. ARGS_dmd="--set max_seconds=200";
 #     training stages only; split on spaces, so no value with a space; paths relative to the repository root).
 set -euo pipefail
@@ -18,15 +24,34 @@ if [[ "${QUICK:-0}" == 1 ]]; then  # a smoke test never replaces the package's w
 fi
 quiet=()
 if [[ "${QUIET:-0}" == 1 ]]; then quiet=(--quiet); fi
+config_seconds() { sed -n 's/^max_seconds: *\([0-9]*\).*/\1/p' "configs/embedded/$1.yaml"; }
+budget_args() {  # $1: this stage, then the stages after it; prints "--set max_seconds=S" under BUDGET
+  [[ -n "${BUDGET:-}" ]] || return 0
+  local mine total=0 later=0 s
+  mine=$(config_seconds "$1")
+  for s in "$@"; do
+    later=$((later + 1))
+    case "$s" in vae|vae_long|base|tf|dmd|lora) total=$((total + $(config_seconds "$s"))) ;; esac
+  done
+  s=$(( (BUDGET - SECONDS - ${RESERVE:-25} * later) * mine / total ))
+  (( s >= 1 )) || { echo "BUDGET $BUDGET s is spent before stage $1" >&2; exit 1; }
+  echo "--set max_seconds=$s"
+}
 weights() { python -c "from longstream.train.trainer import run_weights as w; print(w('$1', ('$2',)))"; }
-for stage in ${STAGES:-vae vae_long world base tf dmd lora export}; do
-  echo "== $stage"
+read -ra stages <<< "${STAGES:-vae vae_long world base tf dmd lora export}"
+for i in "${!stages[@]}"; do
+  stage=${stages[$i]}
+  echo "== $stage ($SECONDS s)"
   extra_var="ARGS_$stage"
   read -ra extra <<< "${!extra_var:-}"
   case "$stage" in
-    vae|vae_long|base|tf|dmd|lora) "${cli[@]}" train "configs/embedded/$stage.yaml" "${quick[@]}" "${quiet[@]}" \
-      ${extra[@]+"${extra[@]}"} ;;
-    world) "${cli[@]}" world "$runs/world" --vae "$(weights "$runs/vae_long" model.safetensors)" --clips "$clips" --frames 65 "${quiet[@]}" ;;
+    vae|vae_long|base|tf|dmd|lora)
+      budget_set=$(budget_args "${stages[@]:$i}")  # a failure here stops the script (set -e)
+      read -ra budget <<< "$budget_set"
+      "${cli[@]}" train "configs/embedded/$stage.yaml" "${quick[@]}" "${quiet[@]}" \
+        ${extra[@]+"${extra[@]}"} ${budget[@]+"${budget[@]}"} ;;
+    world) "${cli[@]}" world "$runs/world" --vae "${VAE:-$(weights "$runs/vae_long" model.safetensors)}" \
+      --clips "$clips" --frames 65 "${quiet[@]}" ;;
     export) python -c "from longstream.assets import export_embedded as e; e('$(weights "$runs/dmd" ema.safetensors)', \
 '$(weights "$runs/lora" lora.safetensors)', '$runs/world/vae.safetensors', '${EXPORT:-longstream/assets/embedded}')" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
