@@ -15,6 +15,8 @@ L2 flushed between runs) as TFLOP/s = 2*M*N*K / time:
 * split    decode both NVFP4 operands to bf16, then cuBLAS (``impl="split"``); ``split+q`` adds the quantize
 * rs       the register-operand W4A4 GEMM (``quant/kernels/nvfp4_gemm_rs.py``: activations decoded to fp16 first,
            weights decoded as wgmma's register operand), its activation decode included; ``rs+q`` adds the quantize
+* dec      both operands decoded exactly to fp16, then a Triton fp16 GEMM with the global scales in its epilogue
+           (``impl="decoded"``: exact like nvfp4, unlike split), both decodes included; ``dec+q`` adds the quantize
 
 ``--tune`` also times every fused-GEMM config (and the plain-Triton decode) at each shape.
 Prints a table and writes JSON (``--out``; on the device machine use ``$OUT/gemm.json``).
@@ -54,6 +56,7 @@ def run_shape(m: int, n: int, k: int, tune: bool) -> Dict[str, object]:
     from longstream.quant import nvfp4 as nv
     from longstream.quant.kernels import nvfp4_gemm as kg
     from longstream.quant.kernels.nvfp4_gemm_rs import nvfp4_matmul_rs
+    from longstream.quant.kernels.nvfp4_gemm_decoded import _scaled_gemm_autotuned, nvfp4_matmul_decoded
     from longstream.quant.kernels.fp8_quant import fp8_quantize_rowwise_triton
     from longstream.quant.kernels.nvfp4_quant import nvfp4_quantize_triton
 
@@ -87,6 +90,7 @@ def run_shape(m: int, n: int, k: int, tune: bool) -> Dict[str, object]:
     err["nvfp4_bf16out"] = rel(kg.nvfp4_matmul_triton(a, b), nv_ref)
     err["split_bf16out"] = rel(kg.nvfp4_matmul_split(a, b), nv_ref)
     err["rs_fp32out"] = rel(nvfp4_matmul_rs(a, b, out_dtype=torch.float32), nv_ref)
+    err["dec_fp32out"] = rel(nvfp4_matmul_decoded(a, b, out_dtype=torch.float32), nv_ref)
     err["nvfp4_vs_bf16_exact"] = rel(nv_ref, ref32)  # the format's own quantization error, for scale
     del nv_ref, ref32
     row["rel_err"] = err
@@ -114,6 +118,8 @@ def run_shape(m: int, n: int, k: int, tune: bool) -> Dict[str, object]:
         "split+q": lambda: kg.nvfp4_matmul_split(nvfp4_quantize_triton(x, check_finite=False), b),
         "rs": lambda: nvfp4_matmul_rs(a, b),
         "rs+q": lambda: nvfp4_matmul_rs(nvfp4_quantize_triton(x, check_finite=False), b),
+        "dec": lambda: nvfp4_matmul_decoded(a, b),
+        "dec+q": lambda: nvfp4_matmul_decoded(nvfp4_quantize_triton(x, check_finite=False), b),
         "quantize": lambda: nvfp4_quantize_triton(x, check_finite=False),
     }
     ms = {name: bench_ms(fn) for name, fn in fns.items()}
@@ -123,6 +129,8 @@ def run_shape(m: int, n: int, k: int, tune: bool) -> Dict[str, object]:
     row["quantize_GBps"] = (2 * m * k * 2 + m * k // 2 + m * k // 16) / (ms["quantize"] * 1e-3) / 1e9
     best = getattr(kg._nvfp4_gemm_autotuned, "best_config", None)
     row["autotuned_config"] = str(best) if best is not None else None
+    best = getattr(_scaled_gemm_autotuned, "best_config", None)
+    row["dec_autotuned_config"] = str(best) if best is not None else None
 
     if tune:
         sweep = {}
@@ -165,16 +173,19 @@ def main() -> None:
         print(json.dumps(r), flush=True)
         torch.cuda.empty_cache()
 
-    cols = ["bf16", "fp8", "fp8+q", "fp8+qk", "fp8 fast", "nvfp4", "nvfp4+q", "split", "split+q", "rs", "rs+q"]
+    cols = ["bf16", "fp8", "fp8+q", "fp8+qk", "fp8 fast", "nvfp4", "nvfp4+q", "split", "split+q", "rs", "rs+q",
+            "dec", "dec+q"]
     print("\nTFLOP/s (median), " + meta["device"])
     print("| M x N x K | " + " | ".join(cols)
-          + " | fp8/bf16 | fp8+qk/bf16 | nvfp4/bf16 | nvfp4+q/bf16 | rs/bf16 | rs+q/bf16 | quantize GB/s |")
-    print("|" + "---|" * (len(cols) + 8))
+          + " | fp8/bf16 | fp8+qk/bf16 | nvfp4/bf16 | nvfp4+q/bf16 | rs/bf16 | rs+q/bf16 | dec/bf16 | dec+q/bf16"
+          + " | quantize GB/s |")
+    print("|" + "---|" * (len(cols) + 10))
     for r in rows:
         t = r["tflops"]
         print(f"| {r['M']}x{r['N']}x{r['K']} | " + " | ".join(f"{t[c]:.0f}" for c in cols)
               + f" | {t['fp8'] / t['bf16']:.2f} | {t['fp8+qk'] / t['bf16']:.2f} | {t['nvfp4'] / t['bf16']:.2f}"
               + f" | {t['nvfp4+q'] / t['bf16']:.2f} | {t['rs'] / t['bf16']:.2f} | {t['rs+q'] / t['bf16']:.2f}"
+              + f" | {t['dec'] / t['bf16']:.2f} | {t['dec+q'] / t['bf16']:.2f}"
               + f" | {r['quantize_GBps']:.0f} |")
     print("\nrel. errors: " + "; ".join(
         f"{r['M']}x{r['N']}x{r['K']}: " + ", ".join(f"{k} {v:.1e}" for k, v in r["rel_err"].items())

@@ -229,6 +229,30 @@ def _interpreter_checks() -> Dict[str, Callable[[], object]]:
         assert max(errs) < 1e-5, errs
         return max(errs)
 
+    def decoded_gemm():
+        """Exact decode to fp16, then the fp16 GEMM with the global scales in its epilogue: the float32 twin up to
+        summation order, with K tails, tiles not dividing M or N, grouped order, leading dims, special and zero
+        values, and through the backend's impl="decoded"."""
+        from longstream.quant.kernels.nvfp4_gemm_decoded import INTERPRET_CONFIG, nvfp4_matmul_decoded
+
+        errs = []
+        for (m, n, k, seed) in [(64, 64, 128, 40), (50, 70, 80, 41), (33, 17, 96, 42)]:
+            a, b = nv.quantize(heavy((m, k), seed)), nv.quantize(heavy((n, k), seed + 10, spread=0.5))
+            errs.append(rel(nvfp4_matmul_decoded(a, b, out_dtype=torch.float32), ref_matmul(a, b)))
+        cfg = dict(INTERPRET_CONFIG, BLOCK_K=64, GROUP_M=3)
+        a, b = nv.quantize(heavy((2, 48, 192), 43)), nv.quantize(heavy((100, 192), 44))
+        out = nvfp4_matmul_decoded(a, b, out_dtype=torch.float32, config=cfg)
+        assert out.shape == (2, 48, 100)
+        errs.append(rel(out, ref_matmul(a, b)))
+        a, b = nv.quantize(special(32, 64, 45)), nv.quantize(pow2_ties(48, 64, 46))
+        errs.append(rel(qb.nvfp4_matmul(a, b, out_dtype=torch.float32, backend="triton", impl="decoded"),
+                        ref_matmul(a, b)))
+        assert bool((nvfp4_matmul_decoded(a, nv.quantize(torch.zeros(16, 64)), out_dtype=torch.float32) == 0).all())
+        assert max(errs) < 1e-5, errs
+        bf = nvfp4_matmul_decoded(a, b)  # one bf16 rounding of the float32 result
+        assert bf.dtype == torch.bfloat16 and rel(bf, ref_matmul(a, b)) < 4e-3
+        return max(errs)
+
     def backend_dispatch():
         x = heavy((32, 64), 23)
         q = qb.nvfp4_quantize(x, backend="triton")
@@ -257,13 +281,13 @@ def _interpreter_checks() -> Dict[str, Callable[[], object]]:
     return {f.__name__: f for f in (quant_random, quant_heavy_tailed, quant_ties, quant_special, quant_nonfinite,
                                     quant_per_row_global_scale,
                                     gemm_fp32, gemm_bf16_and_leading_dims, gemm_special, dequantize_exact,
-                                    split_gemm, rs_gemm, backend_dispatch)}
+                                    split_gemm, rs_gemm, decoded_gemm, backend_dispatch)}
 
 
 INTERP_CHECKS = ("quant_random", "quant_heavy_tailed", "quant_ties", "quant_special", "quant_nonfinite",
                  "quant_per_row_global_scale",
                  "gemm_fp32", "gemm_bf16_and_leading_dims", "gemm_special", "dequantize_exact", "split_gemm",
-                 "rs_gemm", "backend_dispatch")
+                 "rs_gemm", "decoded_gemm", "backend_dispatch")
 
 
 def _child_main() -> None:
@@ -442,6 +466,8 @@ def test_gpu_gemm_vs_reference(m: int, n: int, k: int) -> None:
     from longstream.quant.kernels.nvfp4_gemm_rs import nvfp4_matmul_rs
 
     assert rel(nvfp4_matmul_rs(a, b, out_dtype=torch.float32), ref) < 1e-3  # inline-PTX decode, GPU tiles
+    decoded = qb.nvfp4_matmul(a, b, out_dtype=torch.float32, backend="triton", impl="decoded")  # autotuned
+    assert rel(decoded, ref) < 1e-3
 
 
 @pytest.mark.gpu

@@ -13,7 +13,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from longstream.quant.kernels import (  # noqa: E402
-    fp8_attention, fp8_quant, kv_attention, kv_dequant, kv_quant, nvfp4_gemm, nvfp4_gemm_rs, nvfp4_quant)
+    fp8_attention, fp8_quant, kv_attention, kv_dequant, kv_quant, nvfp4_gemm, nvfp4_gemm_decoded, nvfp4_gemm_rs,
+    nvfp4_quant)
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -95,6 +96,23 @@ def test_nvfp4_register_operand_gemm_compiles_as_designed() -> None:
     assert any("async_copy_global_to_local" in line and "!tt.ptr<f16>" in line for line in loop)
     assert not any("ttg.local_alloc %" in line and "xf16" in line for line in loop)  # no decoded tile stored
     assert all("pendings = 0" not in line for line in loop if "warp_group_dot_wait" in line)  # wgmmas overlap
+
+
+@pytest.mark.parametrize("cfg", nvfp4_gemm_decoded._CONFIGS)
+def test_decoded_nvfp4_gemm_compiles_as_a_pipelined_gemm(cfg: tuple) -> None:
+    """The GEMM after the decode is the plain pipelined one: both fp16 tiles stream in with asynchronous copies and
+    each wgmma overlaps the next step (the fused kernel waits for every wgmma)."""
+    bm, bn, bk, stages, warps = cfg
+    asm = compile_for_hopper(
+        nvfp4_gemm_decoded._scaled_gemm_kernel,
+        dict(a_ptr="fp16", b_ptr="fp16", ga_ptr="fp32", gb_ptr="fp32", c_ptr="bf16"),
+        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EVEN_K=True), num_warps=warps, num_stages=stages,
+        multiples_of_16=("stride_am", "stride_bn", "stride_cm"))
+    loop = first_loop(asm["ttgir"])
+    assert "cubin" in asm
+    assert sum("async_copy_global_to_local" in line and "!tt.ptr<f16>" in line for line in loop) == 2
+    waits = [line for line in loop if "warp_group_dot_wait" in line]
+    assert waits and all("pendings = 0" not in line for line in waits)
 
 
 def test_nvfp4_decode_compiles() -> None:

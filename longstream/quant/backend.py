@@ -24,7 +24,7 @@ from . import fp8, nvfp4
 from .nvfp4 import NVFP4Tensor
 
 BACKENDS = ("reference", "triton", "native")
-NVFP4_MATMUL_IMPLS = ("fused", "split")
+NVFP4_MATMUL_IMPLS = ("fused", "split", "decoded")
 
 
 def default_backend(device: torch.device) -> str:
@@ -97,6 +97,8 @@ def nvfp4_matmul(
     impl (triton only): "fused" (default) decodes inside the Triton GEMM: exact emulation, no scratch memory,
     ~0.5x bf16 cuBLAS speed on H100. "split" decodes both operands to bf16 in memory, then cuBLAS: ~0.9x bf16 at
     the 5B model's shapes, but one extra bf16 rounding (global scales folded into A) and 2*(M+N)*K bytes of scratch.
+    "decoded" decodes both exactly to fp16 in memory, then a Triton fp16 GEMM applies the global scales in its
+    epilogue: exact emulation like "fused", the same scratch as "split" (not timed yet).
     """
     _check(backend)
     if impl not in NVFP4_MATMUL_IMPLS:
@@ -112,6 +114,10 @@ def nvfp4_matmul(
 
     if impl == "split":
         return nvfp4_gemm.nvfp4_matmul_split(a, b, out_dtype=out_dtype)
+    if impl == "decoded":
+        from .kernels.nvfp4_gemm_decoded import nvfp4_matmul_decoded
+
+        return nvfp4_matmul_decoded(a, b, out_dtype=out_dtype)
     return nvfp4_gemm.nvfp4_matmul_triton(a, b, out_dtype=out_dtype)
 
 

@@ -1,0 +1,121 @@
+"""NVFP4 W4A4 GEMM as "decode, then an fp16 GEMM with the global scales in its epilogue" (``impl="decoded"``).
+
+``C[M, N] = A[M, K] @ B[N, K]^T``: both operands are decoded to fp16 in memory without their global scale
+(``nvfp4_dequantize_triton``: ``e2m1 * scale`` has at most 6 significant bits in ``[2**-10, 2688]``, so it is
+exact in fp16, and fp16 tensor cores run at the bf16 rate; Triton 3.6's interpreter computes bf16 dots wrongly,
+fp16 ones right), then ``_scaled_gemm_kernel`` multiplies them with fp32 accumulation and
+applies ``gA * gB`` to the accumulator once, before the single rounding to the output dtype. The result equals
+the twin ``(a.dequantize(float32) @ b.dequantize(float32).T)`` up to fp32 summation order, like the fused
+kernel's (``nvfp4_gemm``), and unlike ``nvfp4_matmul_split``, which folds ``gA * gB`` into A and so rounds A's
+values to bf16 (cuBLAS takes no device-side scale for a 16-bit GEMM, and a pass over an fp32 output would add
+~20%, estimated).
+
+Why it should be faster than the fused kernel: the main loop is the plain pipelined GEMM that Triton's software
+pipeliner handles best on Hopper (both tiles stream into shared memory with asynchronous copies while earlier
+wgmmas run); the fused kernel decodes in the loop, waits for every wgmma, and stops at ~0.5x bf16 cuBLAS. Cost:
+the two decode passes, ``2.5 * (M + N) * K`` bytes of traffic and ``2 * (M + N) * K`` bytes of scratch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+from ..nvfp4 import NVFP4Tensor
+from .nvfp4_gemm import _grouped_tile, check_operands, nvfp4_dequantize_triton
+
+# Autotune candidates (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): large tiles with deep pipelines, the
+# shapes Triton's Hopper GEMMs favour; untimed until bench/gemm.py runs them (column "dec").
+_CONFIGS = [
+    (128, 256, 64, 3, 8),
+    (256, 128, 64, 3, 8),
+    (128, 128, 64, 4, 8),
+    (128, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+]
+INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
+
+
+@triton.jit
+def _scaled_gemm_kernel(
+    a_ptr, b_ptr, ga_ptr, gb_ptr, c_ptr,
+    M, N, K,
+    stride_am, stride_bn, stride_cm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """a: fp16 [M, K]; b: fp16 [N, K]; ga/gb: float32 scalars; c [M, N] = (a @ b^T) * ga * gb."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M  # rows wrap, so loads need no row mask
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    rk = tl.arange(0, BLOCK_K)
+    a_p = a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :]
+    b_p = b_ptr + rn.to(tl.int64)[:, None] * stride_bn + rk[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_p)
+            b = tl.load(b_p)
+        else:  # K tail: missing elements are 0
+            km = (k0 + rk < K)[None, :]
+            a = tl.load(a_p, mask=km, other=0.0)
+            b = tl.load(b_p, mask=km, other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc)
+        a_p += BLOCK_K
+        b_p += BLOCK_K
+    out = (acc * (tl.load(ga_ptr) * tl.load(gb_ptr))).to(c_ptr.dtype.element_ty)
+    cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(c_ptr + cm.to(tl.int64)[:, None] * stride_cm + cn[None, :], out,
+             mask=(cm < M)[:, None] & (cn < N)[None, :])
+
+
+_scaled_gemm_autotuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=st, num_warps=nw)
+             for bm, bn, bk, st, nw in _CONFIGS],
+    key=["M", "N", "K"],
+)(_scaled_gemm_kernel)
+
+
+def scaled_matmul(a: torch.Tensor, b: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, *,
+                  out_dtype: torch.dtype = torch.bfloat16, config: Optional[dict] = None) -> torch.Tensor:
+    """``(a [M, K] @ b [N, K]^T) * ga * gb`` -> [M, N] in ``out_dtype``: fp16 operands (unit stride along K),
+    fp32 accumulation, float32 scalar tensors ``ga``, ``gb``. ``config``: fixed kernel parameters (BLOCK_M,
+    BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) instead of autotuning; the interpreter's default is small."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"scaled_matmul needs a [M, K] and b [N, K], got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dtype != torch.float16 or b.dtype != torch.float16:
+        raise ValueError(f"scaled_matmul takes fp16 operands, got {a.dtype} and {b.dtype}")
+    if a.stride(1) != 1 or b.stride(1) != 1:
+        raise ValueError("scaled_matmul needs unit stride along K")
+    (m, k), n = a.shape, b.shape[0]
+    c = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    if m == 0 or n == 0:
+        return c
+    args = (a, b, ga.reshape(1).to(torch.float32), gb.reshape(1).to(torch.float32), c, m, n, k,
+            a.stride(0), b.stride(0), c.stride(0))
+    if config is None and interpreting():
+        config = INTERPRET_CONFIG
+    if config is None:
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        _scaled_gemm_autotuned[grid](*args, EVEN_K=(k % 64 == 0))  # every candidate's BLOCK_K is 64
+    else:
+        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
+        _scaled_gemm_kernel[grid](*args, EVEN_K=(k % config["BLOCK_K"] == 0), **config)
+    return c
+
+
+def nvfp4_matmul_decoded(a: NVFP4Tensor, b: NVFP4Tensor, *, out_dtype: torch.dtype = torch.bfloat16,
+                         config: Optional[dict] = None) -> torch.Tensor:
+    """W4A4 ``a [..., M, K] @ b [N, K]^T`` -> ``[..., M, N]`` in ``out_dtype``: both operands decoded exactly to
+    fp16, then ``scaled_matmul`` with their global scales (module docstring)."""
+    k = check_operands(a, b)
+    ad = nvfp4_dequantize_triton(a, dtype=torch.float16).reshape(-1, k)
+    bd = nvfp4_dequantize_triton(b, dtype=torch.float16)
+    out = scaled_matmul(ad, bd, a.global_scale, b.global_scale, out_dtype=out_dtype, config=config)
+    return out.reshape(*a.shape[:-1], b.shape[0])
