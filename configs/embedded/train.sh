@@ -5,12 +5,13 @@
 #   QUICK=1 runs 2 steps of each stage on 16 clips (a smoke test of the recipe; use a fresh checkout or remove
 #     runs/embedded first) and exports to runs/embedded/export_quick;
 #   EXPORT=DIR writes the exported files to DIR instead of the package; QUIET=1 hides progress bars;
-#   VAE=FILE makes the world stage encode with that VAE instead of vae_long's (e.g. configs/embedded/trained_vae.safetensors,
-#     the VAE of stages 1-2 from the 2026-12-02 run: then STAGES="world base tf dmd lora export");
-#   BUDGET=SECONDS ends the whole script within that time: each training stage gets max_seconds = what is left
-#     (less RESERVE=25 s per stage still to run:
-#     start-up and the last checkpoint took ~21 s a stage on an H200) in the ratio of the configs' max_seconds of the training stages
-#     still to run (its ARGS_<stage> max_seconds, if any, is overridden);
+#   VAE=FILE makes the world stage encode with that VAE instead of vae_long's (e.g.
+#     configs/embedded/trained_vae.safetensors, the VAE of stages 1-2 from the 2026-12-02 run; then
+#     STAGES="world base tf dmd lora export");
+#   BUDGET=SECONDS ends the whole script within that time: each training stage gets max_seconds = what is left,
+#     less RESERVE=25 s per stage still to run (start-up and the last checkpoint took ~21 s a stage on an H200),
+#     times its config's max_seconds over the sum of those of the training stages still to run (this overrides
+#     a max_seconds in ARGS_<stage>);
 #   ARGS_<stage>="--set KEY=VALUE ..." passes overrides to that training stage (e.g. ARGS_dmd="--set max_seconds=200";
 #     training stages only; split on spaces, so no value with a space; paths relative to the repository root).
 set -euo pipefail
