@@ -81,3 +81,16 @@ def test_no_config_needs_a_preset(tmp_path):
     with pytest.raises(CheckpointError, match="no config"):
         load_transformer(path)
     assert load_transformer(path, expected=CFG).config == CFG
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_rejected(tmp_path, bad):
+    """A NaN or Inf weight would render a black video with exit status 0: loading names the tensor instead."""
+    model = CausalWanTransformer(CFG)
+    with torch.no_grad():
+        name, param = next((n, p) for n, p in model.named_parameters() if n.startswith("blocks.1.") and p.dim() == 2)
+        param.view(-1)[torch.randint(param.numel(), (1,))] = bad
+    path = tmp_path / "m.safetensors"
+    save_transformer(model, path)
+    with pytest.raises(CheckpointError, match=rf"m.safetensors: NaN or infinite weights in {name}$"):
+        load_transformer(path)

@@ -44,7 +44,7 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
 
 
 def check_state_dict(path: str | Path, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    """Raise one CheckpointError listing missing, unexpected and mis-shaped keys."""
+    """Raise one CheckpointError listing missing, unexpected and mis-shaped keys, or naming non-finite weights."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = [
@@ -59,6 +59,15 @@ def check_state_dict(path: str | Path, state: dict[str, torch.Tensor], expected:
             problems.append(f"{label} {len(items)}: {', '.join(items[:3])}{more}")
     if problems:
         raise CheckpointError(f"{path}: does not fit the model: {'; '.join(problems)}")
+    broken = [k for k in sorted(state) if _not_finite(state[k])]
+    if broken:
+        more = f" (+{len(broken) - 3} more)" if len(broken) > 3 else ""
+        raise CheckpointError(f"{path}: NaN or infinite weights in {', '.join(broken[:3])}{more}")
+
+
+def _not_finite(tensor: torch.Tensor) -> bool:
+    """A float tensor of 16 bits or more holding NaN or Inf (float8 and packed NVFP4 codes are not checked)."""
+    return tensor.is_floating_point() and tensor.element_size() >= 2 and not bool(torch.isfinite(tensor).all())
 
 
 def load_transformer(
