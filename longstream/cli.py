@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
-from pathlib import Path
+import threading
 from typing import Sequence
 
 from .config import PRESETS
 from .errors import LongstreamError, UsageError
+from .paths import output_file
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -182,8 +184,10 @@ def _run_eval(args: argparse.Namespace) -> None:
     from .eval.world_eval import eval_set, evaluate, format_table, write_json
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise UsageError(f"--json {args.json}: folder {Path(args.json).parent} does not exist")
+    if not modes:
+        raise UsageError(f"--modes names no mode: {args.modes!r}")
+    if args.json:
+        output_file(args.json, ".json", "--json")
     result = evaluate(eval_set(args.prompts, args.switches, args.seed), modes, checkpoint=args.checkpoint,
                       steps=args.steps, seed=args.seed, device=args.device, progress=not args.quiet)
     print(format_table(result))
@@ -207,6 +211,7 @@ def _run_lora_merge(args: argparse.Namespace) -> None:
     from .model.checkpoints import load_transformer, save_transformer
     from .model.lora import merge_lora_file
 
+    output_file(args.output, ".safetensors")
     model = load_transformer(args.base)
     model.load_state_dict(merge_lora_file(model.state_dict(), args.lora), strict=True)
     save_transformer(model, args.output)
@@ -350,18 +355,39 @@ def _quiet_third_party_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _interrupt_on_termination() -> dict:
+    """SIGTERM and SIGHUP (a closed terminal, `kill`, a batch scheduler) end a run as Ctrl-C does, so the clean-up
+    that removes partial output runs for them too. Returns the handlers replaced, to restore afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # handlers can only be set from the main thread (main() called from another thread)
+    signals = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    return {sig: signal.signal(sig, _interrupt) for sig in signals}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _quiet_third_party_logs()
     parser = build_parser()
     args = parser.parse_args(argv)
+    replaced = _interrupt_on_termination()
     try:
         args.run(args)
     except LongstreamError as exc:
         print(f"longstream: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the file system refused (disk full, no permission): partial output is already removed
+        print(f"longstream: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("longstream: interrupted; no output written", file=sys.stderr)
+        print("longstream: interrupted (a partial video is removed; finished files and checkpoints are kept)",
+              file=sys.stderr)
         return 130
+    finally:
+        for sig, handler in replaced.items():
+            signal.signal(sig, handler)
     return 0
 
 

@@ -46,8 +46,9 @@ def test_bf16_vae_decode_stays_near_fp32(tmp_path):
 
 
 @pytest.mark.parametrize("async_decode", ["--async-decode", "--no-async-decode"])
-def test_an_encoder_failure_mid_video_leaves_nothing(tmp_path, monkeypatch, async_decode):
-    """The MP4 is encoded on a worker thread: its error reaches the caller and the partial file is removed."""
+def test_an_encoder_failure_mid_video_leaves_nothing(tmp_path, monkeypatch, capsys, async_decode):
+    """The MP4 is encoded on a worker thread: its error reaches the caller as one line and the partial file is
+    removed."""
     from longstream.pipeline.video_io import StreamingMP4Writer
 
     real, calls = StreamingMP4Writer.write, []
@@ -59,10 +60,30 @@ def test_an_encoder_failure_mid_video_leaves_nothing(tmp_path, monkeypatch, asyn
         real(self, frames)
 
     monkeypatch.setattr(StreamingMP4Writer, "write", failing_write)
-    with pytest.raises(OSError, match="disk full"):
-        main(["generate", "--preset", "tiny", "--prompt", "a red ball", "--seconds", "3", "--quiet", "--width", "32",
-              "--height", "32", "--output", str(tmp_path / "v.mp4"), async_decode, "--decode-device", "cpu"])
+    assert main(["generate", "--preset", "tiny", "--prompt", "a red ball", "--seconds", "3", "--quiet", "--width",
+                 "32", "--height", "32", "--output", str(tmp_path / "v.mp4"), async_decode, "--decode-device",
+                 "cpu"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == ["longstream: error: disk full"]
     assert len(calls) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_termination_signals_leave_no_partial_video(tmp_path, name):
+    """`kill` or a closed terminal mid-video ends the run like Ctrl-C: exit 130 and no file, hidden or not."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "longstream.cli", "generate", "--preset", "tiny", "--prompt", "x",
+                             "--seconds", "600", "--width", "32", "--height", "32", "--quiet",
+                             "--output", str(tmp_path / "v.mp4")], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.iterdir()) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert list(tmp_path.iterdir()), "the partial video never appeared"
+    proc.send_signal(getattr(signal, name))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -96,15 +117,19 @@ def _wrong_preset_checkpoint(tmp_path):
 BAD = {
     "missing prompt file": (lambda p: ["--prompts", str(p / "nope.yaml")], "no such prompt file"),
     "malformed shot file": (lambda p: ["--prompts", str(_write(p / "s.yaml", "- {prompt: x, seconds: two}"))],
-                            "'seconds' must be a number"),
+                            "'seconds' must be a finite number"),
     "zero length": (lambda p: ["--prompt", "x", "--seconds", "0"], "must be positive"),
     "negative length": (lambda p: ["--prompt", "x", "--seconds", "-3"], "must be positive"),
     "indivisible resolution": (lambda p: ["--prompt", "x", "--width", "100"], "not possible for preset tiny"),
     "corrupt checkpoint": (lambda p: ["--prompt", "x", *_bad_checkpoint(p)], "not a readable"),
     "wrong preset checkpoint": (lambda p: ["--prompt", "x", *_wrong_preset_checkpoint(p)], "another model"),
     "missing output folder": (lambda p: ["--prompt", "x", "--output", str(p / "no" / "o.mp4")], "does not exist"),
+    "output folder is a file": (lambda p: ["--prompt", "x", "--output", str(_write(p / "f", "x") / "o.mp4")],
+                                "is a file, not a folder"),
     "zero height": (lambda p: ["--prompt", "x", "--height", "0"], "not possible for preset tiny"),
     "endless video": (lambda p: ["--prompt", "x", "--seconds", "1e308"], "more than"),
+    "infinite video": (lambda p: ["--prompt", "x", "--seconds", "inf"], "must be a finite number"),
+    "shot without seconds": (lambda p: ["--prompts", str(_write(p / "s.yaml", "- {prompt: x}"))], "'seconds' is missing"),
     "nvfp4 cache on a head size of 24": (lambda p: ["--prompt", "x", "--kv-cache", "nvfp4"], "divisible by 16"),
     "fp8 attention without the fp8 cache": (lambda p: ["--prompt", "x", "--attention", "fp8"], "add --kv-cache fp8"),
     "unsupported device": (lambda p: ["--prompt", "x", "--device", "mps"], "not supported"),
@@ -167,6 +192,8 @@ def test_train_then_generate_from_its_checkpoint(tmp_path):
     ("objective: flow_matching\nlr: .nan", "lr must be finite"),
     ("objective: flow_matching\nsteps: '2'", "steps must be a number"),
     ("objective: flow_matching\ndevice: mps", "not supported"),
+    ("objective: teacher_forcing\nchunk_frames: abc", "chunk_frames must be a positive whole number"),
+    ("objective: teacher_forcing\nchunk_frames: -2", "chunk_frames must be a positive whole number"),
 ])
 def test_bad_train_config_is_one_line(tmp_path, capsys, settings, message):
     import torch
@@ -204,6 +231,31 @@ def test_lora_merge_command(tmp_path):
     x, t, e = torch.randn(1, 16, 2, 4, 4), torch.rand(1) * 1000, torch.randn(1, 3, 64)
     with torch.no_grad():
         assert torch.allclose(merged(x, t, e), model(x, t, e), rtol=1e-5, atol=1e-6)
+
+
+OTHER_BAD = {  # commands other than generate: the output is checked before any work
+    "eval json to a folder": (lambda p: ["eval", "--json", str(p)], "is a folder"),
+    "train a folder": (lambda p: ["train", str(p)], "is a folder; give its YAML config file"),
+    "eval with no mode": (lambda p: ["eval", "--modes", " ,"], "names no mode"),
+    "merge into a missing folder": (lambda p: ["lora", "merge", "b", "l", str(p / "no" / "m.safetensors")],
+                                    "does not exist"),
+    "merge into a non-safetensors file": (lambda p: ["lora", "merge", "b", "l", str(p / "m.pt")],
+                                          "must end in .safetensors"),
+    "world over a file": (lambda p: ["world", str(p / "w"), "--vae", str(_write(p / "w", "x"))], "is a file"),
+    "world with a corrupt vae": (lambda p: ["world", str(p / "new"), "--vae", str(_write(p / "v.safetensors", "x"))],
+                                 "v.safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OTHER_BAD))
+def test_other_commands_check_their_output_first(tmp_path, case, capsys):
+    make_args, message = OTHER_BAD[case]
+    args = make_args(tmp_path)
+    before = {p.name for p in tmp_path.iterdir()}
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("longstream: error: ") and message in err[0], err
+    assert {p.name for p in tmp_path.iterdir()} == before  # nothing written
 
 
 def test_sequence_parallel_generate_under_torchrun(tmp_path):

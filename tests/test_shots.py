@@ -20,7 +20,7 @@ def test_yaml_and_jsonl(tmp_path):
         ("a.yaml", "- {prompt: x, seconds: 0}", "positive"),
         ("a.yaml", "- {prompt: x, seconds: -2}", "positive"),
         ("a.yaml", "- {prompt: '', seconds: 2}", "non-empty"),
-        ("a.yaml", "- {prompt: x}", "number"),
+        ("a.yaml", "- {prompt: x}", "'seconds' is missing"),
         ("a.yaml", "- {prompt: x, seconds: 1, speed: 2}", "unknown keys"),
         ("a.yaml", "prompt: [unclosed", "YAML"),
         ("a.yaml", "just a string", "list of shots"),

@@ -106,6 +106,7 @@ from ..fused import fusion, serialized
 from ..model.fuse_qkv import fuse_qkv
 from ..model.kv_cache import ATTENTION_KINDS
 from ..model.transformer import CausalWanTransformer
+from ..paths import output_file
 from ..pipeline.stream import ShotPlan, StreamingGenerator
 from ..quant.linear import MODES, quantize_model
 from ..vae import StreamingDecoder, build_vae
@@ -265,8 +266,8 @@ def plan(req: E2ERequest) -> _Plan:
         raise UsageError(f"--text-tokens must be at least 1, got {req.text_tokens}")
     if req.peak_tbps is not None and req.peak_tbps <= 0:
         raise UsageError(f"--peak-tbps must be positive, got {req.peak_tbps}")
-    if req.json and not Path(req.json).resolve().parent.is_dir():
-        raise UsageError(f"folder of --json {req.json} does not exist")
+    if req.json:
+        output_file(req.json, ".json", "--json")
     peaks = parse_peaks(req.peak_tflops)
     device = resolve_device(req.device)
     decode_device = device if req.decode_device is None else resolve_device(req.decode_device)

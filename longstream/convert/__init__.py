@@ -28,6 +28,7 @@ from ..model.checkpoints import FORMAT as TRANSFORMER_FORMAT
 from ..model.checkpoints import CheckpointError, check_state_dict, load_transformer, save_transformer
 from ..model.lora import FORMAT as LORA_FORMAT
 from ..model.transformer import CausalWanTransformer
+from ..paths import output_file
 from ..quant.serialize import FORMAT as QUANTIZED_FORMAT
 from .diffusers_format import load_diffusers_vae, read_diffusers
 from .files import component_dir, weight_files
@@ -139,10 +140,7 @@ def convert_checkpoint(
     default the rank). `dtype` casts the weights (default: the source's); the source's provenance goes into
     the metadata (`source_format`, `source`)."""
     source, output = Path(source), Path(output)
-    if output.suffix != ".safetensors":
-        raise UsageError(f"output {output} must end in .safetensors")
-    if not output.parent.is_dir():
-        raise UsageError(f"output folder {output.parent} does not exist")
+    output_file(output, ".safetensors")
     if quantize is not None and quantize not in QUANTIZE_MODES:
         raise UsageError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
     fmt = fmt or detect_format(source)

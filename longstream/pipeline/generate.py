@@ -21,6 +21,7 @@ from ..devices import resolve_device
 from ..errors import UsageError
 from ..model.fuse_qkv import fuse_qkv
 from ..model.transformer import CausalWanTransformer
+from ..paths import output_file
 from ..text.encoders import HashTextEncoder, TextEncoder
 from ..vae import StreamingDecoder, build_vae
 from ..vae.async_decode import AsyncDecoder
@@ -80,17 +81,6 @@ def _warn_outside_world(shots: list[Shot]) -> None:
                   "\"a red circle moves left on a gray background\"; see README); generating anyway",
                   file=sys.stderr)
             return
-
-
-def _output_path(path: str) -> Path:
-    out = Path(path)
-    if out.suffix.lower() != ".mp4":
-        raise UsageError(f"output {out} must end in .mp4")
-    if not out.parent.is_dir():
-        raise UsageError(f"output folder {out.parent} does not exist")
-    if out.is_dir():
-        raise UsageError(f"output {out} is a folder")
-    return out
 
 
 def _transformer(req: GenerateRequest, preset: Preset, device: torch.device, dtype: torch.dtype):
@@ -230,7 +220,7 @@ def prepare(req: GenerateRequest, models: Models | None = None) -> Generation:
         raise UsageError(f"--vae-dtype must be bf16 or fp32, got {req.vae_dtype!r}")
     stream = dataclasses.replace(preset.stream, steps=req.steps or preset.stream.steps)
     plan: ChunkPlan = plan_chunks(shots, preset.fps, stream.chunk_frames, preset.vae.temporal)
-    out = _output_path(req.output)
+    out = output_file(req.output, ".mp4")
     if req.sp < 1:
         raise UsageError(f"--sp must be >= 1, got {req.sp}")
     if req.decode_device is not None and req.sp > 1:

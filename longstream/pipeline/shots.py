@@ -42,8 +42,10 @@ def _shot(item: object, where: str) -> Shot:
     prompt, seconds = item.get("prompt"), item.get("seconds")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ShotError(f"{where}: 'prompt' must be a non-empty string")
+    if seconds is None:
+        raise ShotError(f"{where}: 'seconds' is missing")
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
-        raise ShotError(f"{where}: 'seconds' must be a number, got {seconds!r}")
+        raise ShotError(f"{where}: 'seconds' must be a finite number, got {seconds!r}")
     if seconds <= 0:
         raise ShotError(f"{where}: 'seconds' must be positive, got {seconds}")
     return Shot(prompt.strip(), float(seconds))
@@ -84,7 +86,9 @@ def load_shots(path: str | Path) -> list[Shot]:
 
 def shots_from_prompts(prompts: list[str], seconds: float) -> list[Shot]:
     """Several prompts share `seconds` evenly."""
-    if seconds <= 0 or not math.isfinite(seconds):
+    if not math.isfinite(seconds):
+        raise ShotError(f"--seconds must be a finite number, got {seconds}")
+    if seconds <= 0:
         raise ShotError(f"--seconds must be positive, got {seconds}")
     return [_shot({"prompt": p, "seconds": seconds / len(prompts)}, f"prompt {i + 1}") for i, p in enumerate(prompts)]
 

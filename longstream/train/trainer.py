@@ -163,6 +163,9 @@ class TrainConfig:
         for name in ("stream_warmup", "vae_autocast", "channels_last"):
             if getattr(self, name) and self.objective != "vae":
                 raise ConfigError(f"{name} is for objective vae")
+        if self.chunk_frames is not None and (isinstance(self.chunk_frames, bool) or not isinstance(
+                self.chunk_frames, int) or self.chunk_frames <= 0):
+            raise ConfigError(f"chunk_frames must be a positive whole number of latent frames, got {self.chunk_frames!r}")
         if self.stream_warmup > (self.clip_frames - 1) // 4:
             raise ConfigError(f"stream_warmup {self.stream_warmup} leaves no latent frame of the clip to train "
                               f"(clip_frames {self.clip_frames} = {(self.clip_frames - 1) // 4 + 1} latent frames)")
@@ -187,6 +190,8 @@ class TrainConfig:
         """The config file's settings, then `overrides` on top, each replacing a whole setting (a mapping such as
         `dmd` too); paths among them are relative to the current directory, the file's to the file."""
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder; give its YAML config file (e.g. configs/embedded/base.yaml)")
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file")
         try:

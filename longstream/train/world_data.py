@@ -74,16 +74,19 @@ def build_world_dataset(vae_path: str | Path, out: str | Path, *, clips: int, fr
                         progress: bool = True) -> Path:
     """Write (or complete) the dataset folder `out`; returns it. `frames` = 1 + 4k video frames per clip."""
     num_latent_frames(frames)  # validates 1 + 4k
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    source = Path(vae_path)
+    out, source = Path(out), Path(vae_path)
     if not source.is_file():
         raise DataError(f"{source}: no such VAE file")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file, not a dataset folder")
+    fresh = not (out / VAE_FILE).is_file()
+    if fresh:  # load (and so check) the VAE before the folder is made and its settings fixed
+        vae = accelerate(load_vae(source, device=device))  # the CPU fast path (same math, state dict unchanged)
+    out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, {"vae": str(source.resolve()), "vae_bytes": source.stat().st_size,
                           "vae_mtime_ns": source.stat().st_mtime_ns, "frames": frames, "size": size, "seed": seed,
                           "stats_clips": stats_clips})
-    if not (out / VAE_FILE).is_file():
-        vae = accelerate(load_vae(vae_path, device=device))  # the CPU fast path (same math, state dict unchanged)
+    if fresh:
         mean, std = latent_statistics(vae, stats_clips, frames, size, seed)
         save_vae(vae, out / VAE_FILE, latents_mean=mean, latents_std=std)
     vae = accelerate(load_vae(out / VAE_FILE, device=device))
