@@ -126,6 +126,8 @@ BAD = {
     "missing output folder": (lambda p: ["--prompt", "x", "--output", str(p / "no" / "o.mp4")], "does not exist"),
     "output folder is a file": (lambda p: ["--prompt", "x", "--output", str(_write(p / "f", "x") / "o.mp4")],
                                 "is a file, not a folder"),
+    "resolution beyond memory": (lambda p: ["--prompt", "x", "--width", "65536", "--height", "65536"],
+                                 "GiB for preset tiny's KV cache alone"),
     "zero height": (lambda p: ["--prompt", "x", "--height", "0"], "not possible for preset tiny"),
     "endless video": (lambda p: ["--prompt", "x", "--seconds", "1e308"], "more than"),
     "infinite video": (lambda p: ["--prompt", "x", "--seconds", "inf"], "must be a finite number"),

@@ -7,6 +7,7 @@ any model is built, and the MP4 is written atomically, so a failed or interrupte
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 
-from ..config import Preset, get_preset
+from ..config import Preset, StreamConfig, get_preset
 from ..devices import resolve_device
 from ..errors import UsageError
 from ..model.fuse_qkv import fuse_qkv
@@ -239,6 +240,7 @@ def prepare(req: GenerateRequest, models: Models | None = None) -> Generation:
         device = resolve_device(req.device)
     if req.attention == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         raise UsageError("--attention fp8 needs FP8 tensor cores (compute capability 8.9 or newer); use bf16")
+    _check_cache_fits(preset, stream, height, width, device)
     decode_device = device if req.decode_device is None else resolve_device(req.decode_device)
     models = models or load_models(req, preset, device, decode_device)
     decoder = StreamingDecoder(models.vae, normalized=True, frames_per_call=4)
@@ -246,6 +248,24 @@ def prepare(req: GenerateRequest, models: Models | None = None) -> Generation:
     generator = StreamingGenerator(models.transformer, stream, latent_hw, kv_storage=req.kv_cache,
                                    attention=req.attention, shard=shard)
     return Generation(req, preset, out, plan, models, plans, generator, decoder, device, decode_device, writes)
+
+
+def _check_cache_fits(preset: Preset, stream: StreamConfig, height: int, width: int, device: torch.device) -> None:
+    """One clear line instead of an allocation failure: the dense KV cache alone (keys and values of every layer
+    over the attention window) must fit in the device's memory."""
+    t = preset.transformer
+    element = 2 if device.type == "cuda" else 4  # bf16 on a GPU, float32 on the CPU
+    cache = 2 * t.num_layers * stream.window_frames * preset.tokens_per_frame(height, width) * t.num_attention_heads \
+        * t.attention_head_dim * element
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    elif hasattr(os, "sysconf"):
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:  # no way to ask (Windows): let the allocation decide
+        return
+    if cache > memory:
+        raise UsageError(f"resolution {width}x{height} needs {cache / 2**30:.0f} GiB for preset {preset.name}'s KV "
+                         f"cache alone, more than the {memory / 2**30:.0f} GiB of {device}")
 
 
 def write_video(gen: Generation, on_frames: Callable[[int], None] | None = None) -> Path:
