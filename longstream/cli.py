@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -356,6 +357,7 @@ def _quiet_third_party_logs() -> None:
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # a second signal must not break the clean-up of the first
     raise KeyboardInterrupt
 
 
@@ -365,7 +367,14 @@ def _interrupt_on_termination() -> dict:
     if threading.current_thread() is not threading.main_thread():
         return {}  # handlers can only be set from the main thread (main() called from another thread)
     signals = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
-    return {sig: signal.signal(sig, _interrupt) for sig in signals}
+    # only where the default (death) is in force: `nohup` ignores SIGHUP, and that must stay so
+    return {sig: signal.signal(sig, _interrupt) for sig in signals if signal.getsignal(sig) is signal.SIG_DFL}
+
+
+def _refused_by_file_system(exc: OSError) -> bool:
+    """A full disk, a read-only or foreign file system, a missing permission: the user's to fix, one line."""
+    return isinstance(exc, (PermissionError, FileExistsError, IsADirectoryError, NotADirectoryError)) or \
+        exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -378,8 +387,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LongstreamError as exc:
         print(f"longstream: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # the file system refused (disk full, no permission): partial output is already removed
-        print(f"longstream: error: {exc}", file=sys.stderr)
+    except OSError as exc:
+        if not _refused_by_file_system(exc):
+            raise
+        print(f"longstream: error: {exc}", file=sys.stderr)  # partial output is removed where it was raised
         return 1
     except KeyboardInterrupt:
         print("longstream: interrupted (a partial video is removed; finished files and checkpoints are kept)",
@@ -387,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         for sig, handler in replaced.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, handler)  # SIG_DFL, as found
     return 0
 
 

@@ -1,5 +1,6 @@
 """`longstream generate` end to end on CPU, and one clear line for every kind of bad input."""
 
+import errno
 import subprocess
 import sys
 
@@ -56,14 +57,14 @@ def test_an_encoder_failure_mid_video_leaves_nothing(tmp_path, monkeypatch, caps
     def failing_write(self, frames):
         calls.append(1)
         if len(calls) == 2:
-            raise OSError("disk full")
+            raise OSError(errno.ENOSPC, "No space left on device")
         real(self, frames)
 
     monkeypatch.setattr(StreamingMP4Writer, "write", failing_write)
     assert main(["generate", "--preset", "tiny", "--prompt", "a red ball", "--seconds", "3", "--quiet", "--width",
                  "32", "--height", "32", "--output", str(tmp_path / "v.mp4"), async_decode, "--decode-device",
                  "cpu"]) == 1
-    assert capsys.readouterr().err.strip().splitlines() == ["longstream: error: disk full"]
+    assert capsys.readouterr().err.strip().splitlines() == ["longstream: error: [Errno 28] No space left on device"]
     assert len(calls) == 2
     assert list(tmp_path.iterdir()) == []
 
@@ -85,6 +86,22 @@ def test_termination_signals_leave_no_partial_video(tmp_path, name):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_ignored_sighup_stays_ignored():
+    """Under `nohup` (SIGHUP ignored) a closed terminal must not end the run."""
+    import signal
+
+    from longstream.cli import _interrupt_on_termination
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        replaced = _interrupt_on_termination()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN and signal.SIGHUP not in replaced
+    finally:
+        for sig, handler in replaced.items():
+            signal.signal(sig, handler)
+        signal.signal(signal.SIGHUP, before)
 
 
 def test_two_shot_file(tmp_path):
@@ -126,7 +143,7 @@ BAD = {
     "missing output folder": (lambda p: ["--prompt", "x", "--output", str(p / "no" / "o.mp4")], "does not exist"),
     "output folder is a file": (lambda p: ["--prompt", "x", "--output", str(_write(p / "f", "x") / "o.mp4")],
                                 "is a file, not a folder"),
-    "resolution beyond memory": (lambda p: ["--prompt", "x", "--width", "65536", "--height", "65536"],
+    "resolution beyond memory": (lambda p: ["--prompt", "x", "--width", str(2**24), "--height", str(2**24)],
                                  "GiB for preset tiny's KV cache alone"),
     "zero height": (lambda p: ["--prompt", "x", "--height", "0"], "not possible for preset tiny"),
     "endless video": (lambda p: ["--prompt", "x", "--seconds", "1e308"], "more than"),

@@ -240,7 +240,7 @@ def prepare(req: GenerateRequest, models: Models | None = None) -> Generation:
         device = resolve_device(req.device)
     if req.attention == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         raise UsageError("--attention fp8 needs FP8 tensor cores (compute capability 8.9 or newer); use bf16")
-    _check_cache_fits(preset, stream, height, width, device)
+    _check_cache_fits(preset, stream, height, width, req.kv_cache, req.sp, device)
     decode_device = device if req.decode_device is None else resolve_device(req.decode_device)
     models = models or load_models(req, preset, device, decode_device)
     decoder = StreamingDecoder(models.vae, normalized=True, frames_per_call=4)
@@ -250,12 +250,14 @@ def prepare(req: GenerateRequest, models: Models | None = None) -> Generation:
     return Generation(req, preset, out, plan, models, plans, generator, decoder, device, decode_device, writes)
 
 
-def _check_cache_fits(preset: Preset, stream: StreamConfig, height: int, width: int, device: torch.device) -> None:
-    """One clear line instead of an allocation failure: the dense KV cache alone (keys and values of every layer
-    over the attention window) must fit in the device's memory."""
+def _check_cache_fits(preset: Preset, stream: StreamConfig, height: int, width: int, storage: str, sp: int,
+                      device: torch.device) -> None:
+    """One clear line instead of an allocation failure: the KV cache alone (keys and values of every layer over
+    the attention window, this rank's heads, scales left out) must fit in the device's memory."""
     t = preset.transformer
-    element = 2 if device.type == "cuda" else 4  # bf16 on a GPU, float32 on the CPU
-    cache = 2 * t.num_layers * stream.window_frames * preset.tokens_per_frame(height, width) * t.num_attention_heads \
+    element = {"fp8": 1.0, "nvfp4": 0.5}.get(storage, 2.0 if device.type == "cuda" else 4.0)  # dense: bf16 / fp32
+    heads = t.num_attention_heads // sp if device.type == "cuda" else t.num_attention_heads  # CPU ranks share RAM
+    cache = 2 * t.num_layers * stream.window_frames * preset.tokens_per_frame(height, width) * heads \
         * t.attention_head_dim * element
     if device.type == "cuda":
         memory = torch.cuda.get_device_properties(device).total_memory
