@@ -94,3 +94,13 @@ def test_non_finite_weights_are_rejected(tmp_path, bad):
     save_transformer(model, path)
     with pytest.raises(CheckpointError, match=rf"m.safetensors: NaN or infinite weights in {name}$"):
         load_transformer(path)
+
+
+def test_saved_files_get_the_usual_mode(saved):
+    """Other users may read a checkpoint as with any new file (umask applied); safetensors alone writes 0600."""
+    import os
+
+    _, path = saved
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
