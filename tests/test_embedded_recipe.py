@@ -310,8 +310,8 @@ def test_eval_and_model_loading_need_no_pyav():
 def test_shipped_vae_streams_long_clips_without_drift():
     """The shipped VAE round-trips 129-frame world clips (streaming decode) with every frame's mean absolute error
     below 0.15. Measured 2026-12-02 with the VAE shipped since the ninth session: worst frame 0.101 (frame 2),
-    a plateau of 0.063 from frame ~64 (docs/embedded.md, third run; the VAE before it reached 0.142). The first run's VAE, trained on 5-frame clips only, drifted to flat colour
-    (worst frame 0.95): this catches that."""
+    a plateau of 0.063 from frame ~64 (docs/embedded.md, third run; the VAE before it reached 0.142). The first
+    run's VAE, trained on 5-frame clips only, drifted to flat colour (worst frame 0.95): this catches that."""
     from longstream.assets import embedded_file
     from longstream.eval.world_eval import round_trip_error
 

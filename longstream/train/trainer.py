@@ -165,7 +165,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} is for objective vae")
         if self.chunk_frames is not None and (isinstance(self.chunk_frames, bool) or not isinstance(
                 self.chunk_frames, int) or self.chunk_frames <= 0):
-            raise ConfigError(f"chunk_frames must be a positive whole number of latent frames, got {self.chunk_frames!r}")
+            raise ConfigError(f"chunk_frames must be a positive whole number of latent frames, "
+                              f"got {self.chunk_frames!r}")
         if self.stream_warmup > (self.clip_frames - 1) // 4:
             raise ConfigError(f"stream_warmup {self.stream_warmup} leaves no latent frame of the clip to train "
                               f"(clip_frames {self.clip_frames} = {(self.clip_frames - 1) // 4 + 1} latent frames)")
