@@ -94,7 +94,7 @@ def test_an_ignored_sighup_stays_ignored():
 
     from longstream.cli import _interrupt_on_termination
 
-    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    before, replaced = signal.signal(signal.SIGHUP, signal.SIG_IGN), {}
     try:
         replaced = _interrupt_on_termination()
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN and signal.SIGHUP not in replaced

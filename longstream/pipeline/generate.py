@@ -253,12 +253,14 @@ def prepare(req: GenerateRequest, models: Models | None = None) -> Generation:
 def _check_cache_fits(preset: Preset, stream: StreamConfig, height: int, width: int, storage: str, sp: int,
                       device: torch.device) -> None:
     """One clear line instead of an allocation failure: the KV cache alone (keys and values of every layer over
-    the attention window, this rank's heads, scales left out) must fit in the device's memory."""
+    the attention window, this rank's heads, frame scales left out) must fit in the device's memory."""
+    from ..parallel.ulysses import kv_token_bytes
+
     t = preset.transformer
-    element = {"fp8": 1.0, "nvfp4": 0.5}.get(storage, 2.0 if device.type == "cuda" else 4.0)  # dense: bf16 / fp32
+    dense_element = 2 if device.type == "cuda" else 4  # bf16 on a GPU, float32 on the CPU
     heads = t.num_attention_heads // sp if device.type == "cuda" else t.num_attention_heads  # CPU ranks share RAM
     cache = 2 * t.num_layers * stream.window_frames * preset.tokens_per_frame(height, width) * heads \
-        * t.attention_head_dim * element
+        * kv_token_bytes(storage, t.attention_head_dim, dense_element)
     if device.type == "cuda":
         memory = torch.cuda.get_device_properties(device).total_memory
     elif hasattr(os, "sysconf"):
