@@ -16,7 +16,10 @@ L2 flushed between runs) as TFLOP/s = 2*M*N*K / time:
 * rs       the register-operand W4A4 GEMM (``quant/kernels/nvfp4_gemm_rs.py``: activations decoded to fp16 first,
            weights decoded as wgmma's register operand), its activation decode included; ``rs+q`` adds the quantize
 * dec      both operands decoded exactly to fp16, then a Triton fp16 GEMM with the global scales in its epilogue
-           (``impl="decoded"``: exact like nvfp4, unlike split), both decodes included; ``dec+q`` adds the quantize
+           (``impl="decoded"``: exact like nvfp4, unlike split), both decodes included; ``dec+q`` adds the quantize;
+           ``dec+qd`` is what ``QuantLinear`` runs (``backend.nvfp4_linear``): the activation quantized straight to
+           its fp16 decode in one pass, the weight decoded, the GEMM; ``gemm16`` the fp16 GEMM alone on decoded
+           operands (the ceiling of any decode-first path)
 
 ``--tune`` also times every fused-GEMM config (and the plain-Triton decode) at each shape.
 Prints a table and writes JSON (``--out``; on the device machine use ``$OUT/gemm.json``).
@@ -56,7 +59,8 @@ def run_shape(m: int, n: int, k: int, tune: bool) -> Dict[str, object]:
     from longstream.quant import nvfp4 as nv
     from longstream.quant.kernels import nvfp4_gemm as kg
     from longstream.quant.kernels.nvfp4_gemm_rs import nvfp4_matmul_rs
-    from longstream.quant.kernels.nvfp4_gemm_decoded import _scaled_gemm_autotuned, nvfp4_matmul_decoded
+    from longstream.quant.kernels.nvfp4_gemm_decoded import (_scaled_gemm_autotuned, nvfp4_linear_decoded,
+                                                             nvfp4_matmul_decoded, scaled_matmul)
     from longstream.quant.kernels.fp8_quant import fp8_quantize_rowwise_triton
     from longstream.quant.kernels.nvfp4_quant import nvfp4_quantize_triton
 
@@ -91,6 +95,8 @@ def run_shape(m: int, n: int, k: int, tune: bool) -> Dict[str, object]:
     err["split_bf16out"] = rel(kg.nvfp4_matmul_split(a, b), nv_ref)
     err["rs_fp32out"] = rel(nvfp4_matmul_rs(a, b, out_dtype=torch.float32), nv_ref)
     err["dec_fp32out"] = rel(nvfp4_matmul_decoded(a, b, out_dtype=torch.float32), nv_ref)
+    err["linear_fp32out"] = rel(nvfp4_linear_decoded(x, b, out_dtype=torch.float32), nv_ref)
+    ad16, bd16 = kg.nvfp4_dequantize_triton(a, dtype=torch.float16), kg.nvfp4_dequantize_triton(b, dtype=torch.float16)
     err["nvfp4_vs_bf16_exact"] = rel(nv_ref, ref32)  # the format's own quantization error, for scale
     del nv_ref, ref32
     row["rel_err"] = err
@@ -120,6 +126,8 @@ def run_shape(m: int, n: int, k: int, tune: bool) -> Dict[str, object]:
         "rs+q": lambda: nvfp4_matmul_rs(nvfp4_quantize_triton(x, check_finite=False), b),
         "dec": lambda: nvfp4_matmul_decoded(a, b),
         "dec+q": lambda: nvfp4_matmul_decoded(nvfp4_quantize_triton(x, check_finite=False), b),
+        "dec+qd": lambda: nvfp4_linear_decoded(x, b),
+        "gemm16": lambda: scaled_matmul(ad16, bd16, a.global_scale, b.global_scale),
         "quantize": lambda: nvfp4_quantize_triton(x, check_finite=False),
     }
     ms = {name: bench_ms(fn) for name, fn in fns.items()}
@@ -174,18 +182,19 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     cols = ["bf16", "fp8", "fp8+q", "fp8+qk", "fp8 fast", "nvfp4", "nvfp4+q", "split", "split+q", "rs", "rs+q",
-            "dec", "dec+q"]
+            "dec", "dec+q", "dec+qd", "gemm16"]
     print("\nTFLOP/s (median), " + meta["device"])
     print("| M x N x K | " + " | ".join(cols)
           + " | fp8/bf16 | fp8+qk/bf16 | nvfp4/bf16 | nvfp4+q/bf16 | rs/bf16 | rs+q/bf16 | dec/bf16 | dec+q/bf16"
-          + " | quantize GB/s |")
-    print("|" + "---|" * (len(cols) + 10))
+          + " | dec+qd/bf16 | gemm16/bf16 | quantize GB/s |")
+    print("|" + "---|" * (len(cols) + 12))
     for r in rows:
         t = r["tflops"]
         print(f"| {r['M']}x{r['N']}x{r['K']} | " + " | ".join(f"{t[c]:.0f}" for c in cols)
               + f" | {t['fp8'] / t['bf16']:.2f} | {t['fp8+qk'] / t['bf16']:.2f} | {t['nvfp4'] / t['bf16']:.2f}"
               + f" | {t['nvfp4+q'] / t['bf16']:.2f} | {t['rs'] / t['bf16']:.2f} | {t['rs+q'] / t['bf16']:.2f}"
               + f" | {t['dec'] / t['bf16']:.2f} | {t['dec+q'] / t['bf16']:.2f}"
+              + f" | {t['dec+qd'] / t['bf16']:.2f} | {t['gemm16'] / t['bf16']:.2f}"
               + f" | {r['quantize_GBps']:.0f} |")
     print("\nrel. errors: " + "; ".join(
         f"{r['M']}x{r['N']}x{r['K']}: " + ", ".join(f"{k} {v:.1e}" for k, v in r["rel_err"].items())

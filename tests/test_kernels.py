@@ -253,6 +253,41 @@ def _interpreter_checks() -> Dict[str, Callable[[], object]]:
         assert bf.dtype == torch.bfloat16 and rel(bf, ref_matmul(a, b)) < 4e-3
         return max(errs)
 
+    def quantize_decoded():
+        """The quantize pass writing e2m1 * scale in fp16 instead of codes: bit-exact with decoding the twin's
+        codes without the global scale, on random, heavy-tailed, tie, near-tie and special values, partial tiles
+        and leading dims; the global scale bit-exact too."""
+        inputs = [heavy((64, 256), 50), heavy((37, 80), 51).to(torch.bfloat16), heavy((3, 5, 48), 52, spread=4.0),
+                  pow2_ties(40, 256, 53), near_ties(24, 128, 54), special(8, 64, 55), torch.zeros(4, 32)]
+        for x in inputs:
+            d, g = kq.nvfp4_quantize_decoded_triton(x)
+            q = nv.quantize(x)
+            assert d.dtype == torch.float16 and d.shape == x.shape
+            assert torch.equal(d, nv.dequantize(q.data, q.scale, 1.0, dtype=torch.float16)), tuple(x.shape)
+            assert torch.equal(g.view(torch.int32), q.global_scale.reshape(()).view(torch.int32))
+        return "ok"
+
+    def decoded_linear():
+        """quantize(x) @ w^T + bias through the fused quantize-decode and the bias epilogue: the float64 math on
+        the quantized operands, and the backend's nvfp4_linear on both backends."""
+        from longstream.quant.kernels.nvfp4_gemm_decoded import nvfp4_linear_decoded
+
+        errs = []
+        for (lead, n, k, seed) in [((64,), 48, 128, 60), ((2, 21), 70, 80, 61)]:
+            x, w = heavy((*lead, k), seed), nv.quantize(heavy((n, k), seed + 1, spread=0.5))
+            bias = torch.randn(n, generator=_gen(seed + 2)) * 5
+            want = (nv.quantize(x.reshape(-1, k)).dequantize(torch.float64) @ w.dequantize(torch.float64).T
+                    + bias.double()).reshape(*lead, n)
+            out = nvfp4_linear_decoded(x, w, bias, out_dtype=torch.float32)
+            assert out.shape == (*lead, n)
+            errs.append(rel(out, want))
+            tri = qb.nvfp4_linear(x.reshape(-1, k), w, bias, out_dtype=torch.float32, backend="triton")
+            ref = qb.nvfp4_linear(x.reshape(-1, k), w, bias, out_dtype=torch.float32, backend="reference")
+            errs += [rel(tri, want.reshape(-1, n)), rel(ref, want.reshape(-1, n))]
+            errs.append(rel(nvfp4_linear_decoded(x, w, out_dtype=torch.float32), want - bias.double()))
+        assert max(errs) < 1e-5, errs
+        return max(errs)
+
     def backend_dispatch():
         x = heavy((32, 64), 23)
         q = qb.nvfp4_quantize(x, backend="triton")
@@ -281,13 +316,14 @@ def _interpreter_checks() -> Dict[str, Callable[[], object]]:
     return {f.__name__: f for f in (quant_random, quant_heavy_tailed, quant_ties, quant_special, quant_nonfinite,
                                     quant_per_row_global_scale,
                                     gemm_fp32, gemm_bf16_and_leading_dims, gemm_special, dequantize_exact,
-                                    split_gemm, rs_gemm, decoded_gemm, backend_dispatch)}
+                                    split_gemm, rs_gemm, decoded_gemm, quantize_decoded, decoded_linear,
+                                    backend_dispatch)}
 
 
 INTERP_CHECKS = ("quant_random", "quant_heavy_tailed", "quant_ties", "quant_special", "quant_nonfinite",
                  "quant_per_row_global_scale",
                  "gemm_fp32", "gemm_bf16_and_leading_dims", "gemm_special", "dequantize_exact", "split_gemm",
-                 "rs_gemm", "decoded_gemm", "backend_dispatch")
+                 "rs_gemm", "decoded_gemm", "quantize_decoded", "decoded_linear", "backend_dispatch")
 
 
 def _child_main() -> None:
@@ -468,6 +504,25 @@ def test_gpu_gemm_vs_reference(m: int, n: int, k: int) -> None:
     assert rel(nvfp4_matmul_rs(a, b, out_dtype=torch.float32), ref) < 1e-3  # inline-PTX decode, GPU tiles
     decoded = qb.nvfp4_matmul(a, b, out_dtype=torch.float32, backend="triton", impl="decoded")  # autotuned
     assert rel(decoded, ref) < 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_quantize_decoded_and_linear() -> None:
+    """The activation side of impl "decoded" bit-exact at the 5B model's size; the W4A4 linear (default impl)
+    against the float64 math on the quantized operands."""
+    from longstream.quant.kernels.nvfp4_quant import nvfp4_quantize_decoded_triton
+
+    x = heavy((7040, 3072), 48, spread=1.5).to(torch.bfloat16).cuda()
+    d, g = nvfp4_quantize_decoded_triton(x)
+    q = nv.quantize(x)
+    assert torch.equal(d, nv.dequantize(q.data, q.scale, 1.0, dtype=torch.float16))
+    assert torch.equal(g.view(torch.int32), q.global_scale.reshape(()).view(torch.int32))
+    w = nv.quantize(heavy((3072, 3072), 49, spread=0.5).cuda())
+    bias = torch.randn(3072, generator=_gen(50)).cuda()
+    want = q.dequantize(torch.float64) @ w.dequantize(torch.float64).T + bias.double()
+    assert rel(qb.nvfp4_linear(x, w, bias, out_dtype=torch.float32, backend="triton"), want) < 1e-5
+    out = qb.nvfp4_linear(x, w, bias, backend="triton")
+    assert out.dtype == torch.bfloat16 and rel(out, want) < 4e-3
 
 
 @pytest.mark.gpu

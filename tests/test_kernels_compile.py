@@ -105,8 +105,9 @@ def test_decoded_nvfp4_gemm_compiles_as_a_pipelined_gemm(cfg: tuple) -> None:
     bm, bn, bk, stages, warps = cfg
     asm = compile_for_hopper(
         nvfp4_gemm_decoded._scaled_gemm_kernel,
-        dict(a_ptr="fp16", b_ptr="fp16", ga_ptr="fp32", gb_ptr="fp32", c_ptr="bf16"),
-        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EVEN_K=True), num_warps=warps, num_stages=stages,
+        dict(a_ptr="fp16", b_ptr="fp16", ga_ptr="fp32", gb_ptr="fp32", bias_ptr="fp32", c_ptr="bf16"),
+        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EVEN_K=True, HAS_BIAS=True), num_warps=warps,
+        num_stages=stages,
         multiples_of_16=("stride_am", "stride_bn", "stride_cm"))
     loop = first_loop(asm["ttgir"])
     assert "cubin" in asm
@@ -127,10 +128,16 @@ def test_nvfp4_quantize_compiles(g_is_amax: bool) -> None:
                               dict(BLOCK=nvfp4_quant._AMAX_BLOCK, STEPS=nvfp4_quant._AMAX_STEPS), num_warps=8)
     quant = compile_for_hopper(
         nvfp4_quant._quantize_kernel,
-        dict(x_ptr="bf16", q_ptr="u8", s_ptr="u8", g_ptr="fp32", g_out_ptr="fp32", flag_ptr="i32"),
+        dict(x_ptr="bf16", q_ptr="u8", s_ptr="u8", g_ptr="fp32", g_out_ptr="fp32", flag_ptr="i32", d_ptr="u8"),
         dict(G_IS_AMAX=g_is_amax, G_PER_ROW=not g_is_amax, BLOCK_M=nvfp4_quant._Q_BLOCK_M,
-             BLOCK_K=nvfp4_quant._Q_BLOCK_K))
-    assert "cubin" in amax and "cubin" in quant
+             BLOCK_K=nvfp4_quant._Q_BLOCK_K, WRITE_CODES=True, WRITE_DECODED=False))
+    decoded = compile_for_hopper(  # the activation side of impl "decoded": fp16 values, no codes
+        nvfp4_quant._quantize_kernel,
+        dict(x_ptr="bf16", q_ptr="fp16", s_ptr="fp16", g_ptr="fp32", g_out_ptr="fp32", flag_ptr="i32",
+             d_ptr="fp16"),
+        dict(G_IS_AMAX=True, G_PER_ROW=False, BLOCK_M=nvfp4_quant._Q_BLOCK_M, BLOCK_K=nvfp4_quant._Q_BLOCK_K,
+             WRITE_CODES=False, WRITE_DECODED=True))
+    assert "cubin" in amax and "cubin" in quant and "cubin" in decoded
 
 
 def test_kv_kernels_compile() -> None:

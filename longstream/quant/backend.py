@@ -9,7 +9,8 @@ NVFP4 quantize is bit-exact on every backend.
 | entry point          | reference                      | triton (CUDA)                          | native (sm_100)               |
 | -------------------- | ------------------------------ | -------------------------------------- | ----------------------------- |
 | `nvfp4_quantize`     | `nvfp4.quantize`               | fused Triton quantize (bit-exact)      | the Triton quantize           |
-| `nvfp4_matmul`       | dequantize + fp32 matmul       | fused decode + tensor-core Triton GEMM | `torch._scaled_mm` FP4 x FP4  |
+| `nvfp4_matmul`       | dequantize + fp32 matmul       | exact fp16 decode + Triton GEMM        | `torch._scaled_mm` FP4 x FP4  |
+| `nvfp4_linear`       | quantize x, then the above     | quantize-and-decode x, the above       | quantize x, then the above    |
 | `fp8_matmul_rowwise` | `fp8.fp8_matmul_reference`     | `torch._scaled_mm` rowwise             | `torch._scaled_mm` rowwise    |
 
 Triton is imported lazily, so the reference backend works without it. Under ``TRITON_INTERPRET=1`` the triton
@@ -90,15 +91,15 @@ def nvfp4_matmul(
     *,
     out_dtype: torch.dtype = torch.bfloat16,
     backend: str = "reference",
-    impl: str = "fused",
+    impl: str = "decoded",
 ) -> torch.Tensor:
     """a [M, K] @ b[N, K]^T with both operands NVFP4 (W4A4), fp32 accumulation, result in `out_dtype`.
 
-    impl (triton only): "fused" (default) decodes inside the Triton GEMM: exact emulation, no scratch memory,
-    ~0.5x bf16 cuBLAS speed on H100. "split" decodes both operands to bf16 in memory, then cuBLAS: ~0.9x bf16 at
-    the 5B model's shapes, but one extra bf16 rounding (global scales folded into A) and 2*(M+N)*K bytes of scratch.
-    "decoded" decodes both exactly to fp16 in memory, then a Triton fp16 GEMM applies the global scales in its
-    epilogue: exact emulation like "fused", the same scratch as "split" (not timed yet).
+    impl (triton only; bench/RESULTS.md, H200): "decoded" (default) decodes both exactly to fp16 in memory, then
+    a Triton fp16 GEMM applies the global scales in its epilogue: exact emulation, 0.73-0.84x bf16 cuBLAS at the
+    5B model's shapes, 2*(M+N)*K bytes of scratch. "fused" decodes inside the Triton GEMM: exact, no scratch,
+    ~0.5x bf16. "split" decodes both to bf16, then cuBLAS: ~0.9x bf16, but one extra bf16 rounding (global
+    scales folded into A).
     """
     _check(backend)
     if impl not in NVFP4_MATMUL_IMPLS:
@@ -119,6 +120,28 @@ def nvfp4_matmul(
 
         return nvfp4_matmul_decoded(a, b, out_dtype=out_dtype)
     return nvfp4_gemm.nvfp4_matmul_triton(a, b, out_dtype=out_dtype)
+
+
+def nvfp4_linear(
+    x: torch.Tensor, w: NVFP4Tensor, bias: torch.Tensor | None = None, *, out_dtype: torch.dtype = torch.bfloat16,
+    backend: str = "reference", impl: str = "decoded",
+) -> torch.Tensor:
+    """W4A4 linear: x [M, K] quantized to NVFP4 (1x16 blocks, RNE, its own global scale), times w [N, K]^T, plus
+    bias [N]. reference and impl "decoded" add the bias in float32 before the one rounding to `out_dtype`; the
+    other impls add it after. On triton, "decoded" quantizes x straight to its fp16 decode in one pass
+    (``nvfp4_linear_decoded``). GPU backends do not read back a NaN/Inf flag (that would sync the host)."""
+    _check(backend)
+    if backend == "reference":
+        out = nvfp4.quantize(x).dequantize(torch.float32) @ w.dequantize(torch.float32).T
+        return (out if bias is None else out + bias.float()).to(out_dtype)
+    if backend == "triton" and impl == "decoded":
+        _check_triton_device(x, backend)
+        from .kernels.nvfp4_gemm_decoded import nvfp4_linear_decoded
+
+        return nvfp4_linear_decoded(x, w, bias, out_dtype=out_dtype)
+    xq = nvfp4_quantize(x.contiguous(), backend=backend, check_finite=False)
+    out = nvfp4_matmul(xq, w, out_dtype=out_dtype, backend=backend, impl=impl)
+    return out if bias is None else out + bias.to(out_dtype)
 
 
 def fp8_matmul_rowwise(

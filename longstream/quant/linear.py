@@ -9,13 +9,14 @@ Modes and what a `QuantLinear` holds (``N`` = out_features, ``K`` = in_features)
   the GEMM is ``backend.fp8_matmul_rowwise``. Needs K and N multiples of 16 (``torch._scaled_mm``).
 * ``nvfp4``: W4A4 NVFP4 (``nvfp4.py`` format), 1x16 blocks along K. Buffers ``qdata`` uint8 [N, K/2],
   ``scale`` float8_e4m3fn [N, K/16] and ``global_scale`` float32 [], made once; the activation is quantized
-  per call (round to nearest even, its own global scale) and the GEMM is ``backend.nvfp4_matmul``. Needs
-  K a multiple of 16.
+  per call (round to nearest even, its own global scale) by ``backend.nvfp4_linear``, which also multiplies.
+  Needs K a multiple of 16.
 
-In the quantized modes the high-precision weight is dropped. The bias keeps its own dtype and is added after the
-GEMM; the output has the input's dtype; leading dims are flattened for the GEMM and restored. The backend is
-``backend.default_backend(x.device)`` unless one is given. Quantization metadata keeps its dtype through
-``model.to(dtype)`` (only devices change), so a quantized model can be cast to bf16 safely.
+In the quantized modes the high-precision weight is dropped. The bias is added to the GEMM's result (in float32
+before its rounding for nvfp4, ``backend.nvfp4_linear``); the output has the input's dtype; leading dims are
+flattened for the GEMM and restored. The backend is ``backend.default_backend(x.device)`` unless one is given.
+Quantization metadata keeps its dtype through ``model.to(dtype)`` (only devices change), so a quantized model can
+be cast to bf16 safely.
 
 These are inference layers. If autograd needs a gradient through one (a frozen quantized backbone under a
 trainable LoRA, say), the input gets a straight-through gradient ``dX = dY @ dequantize(W)`` in float32; for
@@ -213,11 +214,7 @@ class QuantLinear(nn.Module):
             xq, xs = qb.fp8_quantize_rowwise(x2, backend=be)
             out = qb.fp8_matmul_rowwise(xq, xs, self.qdata, self.scale, bias, out_dtype=x.dtype, backend=be)
         else:
-            # no NaN/Inf read-back on GPU backends: it would sync the host on every call
-            xq = qb.nvfp4_quantize(x2.contiguous(), backend=be, check_finite=be == "reference")
-            out = qb.nvfp4_matmul(xq, self.weight_nvfp4(), out_dtype=x.dtype, backend=be)
-            if bias is not None:
-                out = out + bias
+            out = qb.nvfp4_linear(x2, self.weight_nvfp4(), bias, out_dtype=x.dtype, backend=be)
         return out.reshape(*lead, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,10 +10,12 @@ kernel's (``nvfp4_gemm``), and unlike ``nvfp4_matmul_split``, which folds ``gA *
 values to bf16 (cuBLAS takes no device-side scale for a 16-bit GEMM, and a pass over an fp32 output would add
 ~20%, estimated).
 
-Why it should be faster than the fused kernel: the main loop is the plain pipelined GEMM that Triton's software
-pipeliner handles best on Hopper (both tiles stream into shared memory with asynchronous copies while earlier
-wgmmas run); the fused kernel decodes in the loop, waits for every wgmma, and stops at ~0.5x bf16 cuBLAS. Cost:
-the two decode passes, ``2.5 * (M + N) * K`` bytes of traffic and ``2 * (M + N) * K`` bytes of scratch.
+Why it is faster than the fused kernel (1.6x on an H200, bench/RESULTS.md): the main loop is the plain
+pipelined GEMM that Triton's software pipeliner handles best on Hopper (both tiles stream into shared memory with
+asynchronous copies while earlier wgmmas run); the fused kernel decodes in the loop, waits for every wgmma, and
+stops at ~0.5x bf16 cuBLAS. Cost: the two decode passes, ``2.5 * (M + N) * K`` bytes of traffic and
+``2 * (M + N) * K`` bytes of scratch. ``nvfp4_linear_decoded`` (what ``QuantLinear`` runs) writes the activation's
+fp16 decode from the quantize pass itself, so its packed codes are never written or read.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ import triton.language as tl
 from . import interpreting
 from ..nvfp4 import NVFP4Tensor
 from .nvfp4_gemm import _grouped_tile, check_operands, nvfp4_dequantize_triton
+from .nvfp4_quant import nvfp4_quantize_decoded_triton
 
 # Autotune candidates (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): large tiles with deep pipelines, the
-# shapes Triton's Hopper GEMMs favour; untimed until bench/gemm.py runs them (column "dec").
+# shapes Triton's Hopper GEMMs favour (bench/gemm.py, column "dec", records the one autotuning picks).
 _CONFIGS = [
     (128, 256, 64, 3, 8),
+    (128, 256, 64, 4, 8),
     (256, 128, 64, 3, 8),
     (128, 128, 64, 4, 8),
     (128, 128, 64, 4, 4),
@@ -42,13 +46,14 @@ INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps
 
 @triton.jit
 def _scaled_gemm_kernel(
-    a_ptr, b_ptr, ga_ptr, gb_ptr, c_ptr,
+    a_ptr, b_ptr, ga_ptr, gb_ptr, bias_ptr, c_ptr,
     M, N, K,
     stride_am, stride_bn, stride_cm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr = False,
 ):
-    """a: fp16 [M, K]; b: fp16 [N, K]; ga/gb: float32 scalars; c [M, N] = (a @ b^T) * ga * gb."""
+    """a: fp16 [M, K]; b: fp16 [N, K]; ga/gb: float32 scalars; bias [N];
+    c [M, N] = (a @ b^T) * ga * gb (+ bias, in float32 before the one rounding)."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M  # rows wrap, so loads need no row mask
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
@@ -67,9 +72,12 @@ def _scaled_gemm_kernel(
         acc = tl.dot(a, tl.trans(b), acc)
         a_p += BLOCK_K
         b_p += BLOCK_K
-    out = (acc * (tl.load(ga_ptr) * tl.load(gb_ptr))).to(c_ptr.dtype.element_ty)
+    out = acc * (tl.load(ga_ptr) * tl.load(gb_ptr))
     cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + cn, mask=cn < N, other=0.0).to(tl.float32)[None, :]
+    out = out.to(c_ptr.dtype.element_ty)
     tl.store(c_ptr + cm.to(tl.int64)[:, None] * stride_cm + cn[None, :], out,
              mask=(cm < M)[:, None] & (cn < N)[None, :])
 
@@ -82,10 +90,12 @@ _scaled_gemm_autotuned = triton.autotune(
 
 
 def scaled_matmul(a: torch.Tensor, b: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, *,
-                  out_dtype: torch.dtype = torch.bfloat16, config: Optional[dict] = None) -> torch.Tensor:
-    """``(a [M, K] @ b [N, K]^T) * ga * gb`` -> [M, N] in ``out_dtype``: fp16 operands (unit stride along K),
-    fp32 accumulation, float32 scalar tensors ``ga``, ``gb``. ``config``: fixed kernel parameters (BLOCK_M,
-    BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) instead of autotuning; the interpreter's default is small."""
+                  bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
+                  config: Optional[dict] = None) -> torch.Tensor:
+    """``(a [M, K] @ b [N, K]^T) * ga * gb (+ bias [N])`` -> [M, N] in ``out_dtype``: fp16 operands (unit stride
+    along K), fp32 accumulation, float32 scalar tensors ``ga``, ``gb``, the bias added in float32 before the one
+    rounding. ``config``: fixed kernel parameters (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
+    instead of autotuning; the interpreter's default is small."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"scaled_matmul needs a [M, K] and b [N, K], got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.dtype != torch.float16 or b.dtype != torch.float16:
@@ -93,20 +103,25 @@ def scaled_matmul(a: torch.Tensor, b: torch.Tensor, ga: torch.Tensor, gb: torch.
     if a.stride(1) != 1 or b.stride(1) != 1:
         raise ValueError("scaled_matmul needs unit stride along K")
     (m, k), n = a.shape, b.shape[0]
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return c
-    args = (a, b, ga.reshape(1).to(torch.float32), gb.reshape(1).to(torch.float32), c, m, n, k,
+    bias_arg = c if bias is None else bias.contiguous()
+    args = (a, b, ga.reshape(1).to(torch.float32), gb.reshape(1).to(torch.float32), bias_arg, c, m, n, k,
             a.stride(0), b.stride(0), c.stride(0))
     if config is None and interpreting():
         config = INTERPRET_CONFIG
     if config is None:
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-        _scaled_gemm_autotuned[grid](*args, EVEN_K=(k % 64 == 0))  # every candidate's BLOCK_K is 64
+        _scaled_gemm_autotuned[grid](*args, EVEN_K=(k % 64 == 0),  # every candidate's BLOCK_K is 64
+                                     HAS_BIAS=bias is not None)
     else:
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
-        _scaled_gemm_kernel[grid](*args, EVEN_K=(k % config["BLOCK_K"] == 0), **config)
+        _scaled_gemm_kernel[grid](*args, EVEN_K=(k % config["BLOCK_K"] == 0), HAS_BIAS=bias is not None,
+                                  **config)
     return c
 
 
@@ -119,3 +134,18 @@ def nvfp4_matmul_decoded(a: NVFP4Tensor, b: NVFP4Tensor, *, out_dtype: torch.dty
     bd = nvfp4_dequantize_triton(b, dtype=torch.float16)
     out = scaled_matmul(ad, bd, a.global_scale, b.global_scale, out_dtype=out_dtype, config=config)
     return out.reshape(*a.shape[:-1], b.shape[0])
+
+
+def nvfp4_linear_decoded(x: torch.Tensor, w: NVFP4Tensor, bias: Optional[torch.Tensor] = None, *,
+                         out_dtype: torch.dtype = torch.bfloat16, config: Optional[dict] = None) -> torch.Tensor:
+    """W4A4 linear ``quantize(x) [..., K] @ w [N, K]^T (+ bias)`` -> ``[..., N]``: the activation quantized and
+    decoded to fp16 in one pass (``nvfp4_quantize_decoded_triton``, its packed codes never written), the weight
+    decoded, then ``scaled_matmul`` with both global scales and the bias in its epilogue. Equals
+    ``nvfp4_matmul_decoded(nvfp4_quantize(x), w) + bias`` up to that sum's rounding."""
+    k = w.shape[-1]
+    if x.shape[-1] != k:
+        raise ValueError(f"x has last dim {x.shape[-1]}, the weight {k}")
+    xd, gx = nvfp4_quantize_decoded_triton(x)
+    wd = nvfp4_dequantize_triton(w, dtype=torch.float16)
+    out = scaled_matmul(xd.reshape(-1, k), wd, gx, w.global_scale, bias=bias, out_dtype=out_dtype, config=config)
+    return out.reshape(*x.shape[:-1], w.shape[0])

@@ -53,11 +53,14 @@ def _amax_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, STEPS: tl.constexpr):
 
 @triton.jit
 def _quantize_kernel(
-    x_ptr, q_ptr, s_ptr, g_ptr, g_out_ptr, flag_ptr,
+    x_ptr, q_ptr, s_ptr, g_ptr, g_out_ptr, flag_ptr, d_ptr,
     M, K, stride_xm,
     G_IS_AMAX: tl.constexpr, G_PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    WRITE_CODES: tl.constexpr = True, WRITE_DECODED: tl.constexpr = False,
 ):
-    """One [BLOCK_M, BLOCK_K] tile of x -> packed codes [BLOCK_M, BLOCK_K/2] and scales [BLOCK_M, BLOCK_K/16]."""
+    """One [BLOCK_M, BLOCK_K] tile of x -> packed codes [BLOCK_M, BLOCK_K/2] and scales [BLOCK_M, BLOCK_K/16]
+    (WRITE_CODES) and/or the decoded values e2m1 * scale [BLOCK_M, BLOCK_K] without the global scale, [M, K]
+    contiguous (WRITE_DECODED; exact in fp16: at most 6 significant bits in [2**-10, 2688])."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -104,18 +107,23 @@ def _quantize_kernel(
     mag = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
            + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32)
            + (a > 5.0).to(tl.int32))
-    code = tl.where(nonzero[:, None, None], mag | (sign << 3), 0)
-    lo, hi = tl.split(tl.reshape(code, (BLOCK_M, BLOCK_K // 2, 2)))
-    packed = (lo | (hi << 4)).to(tl.uint8)
-
-    half = K // 2
-    hcols = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-    tl.store(q_ptr + rows.to(tl.int64)[:, None] * half + hcols[None, :], packed,
-             mask=rmask[:, None] & (hcols < half)[None, :])
-    nblk = K // 16
-    scols = pid_k * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)
-    tl.store(s_ptr + rows.to(tl.int64)[:, None] * nblk + scols[None, :], tl.where(nonzero[:, None], s_byte, 0),
-             mask=rmask[:, None] & (scols < nblk)[None, :])
+    if WRITE_DECODED:  # E2M1 value of mag: 0, 0.5, 1, 1.5 (mag / 2), then 2, 3, 4 (mag - 2), then 6
+        e2m1 = tl.where(mag < 4, mag.to(tl.float32) * 0.5, tl.where(mag < 7, (mag - 2).to(tl.float32), 6.0))
+        dec = tl.where(sign == 1, -e2m1, e2m1) * s_q[:, :, None]
+        dec = tl.reshape(tl.where(nonzero[:, None, None], dec, 0.0), (BLOCK_M, BLOCK_K))
+        tl.store(d_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], dec.to(d_ptr.dtype.element_ty), mask=mask)
+    if WRITE_CODES:
+        code = tl.where(nonzero[:, None, None], mag | (sign << 3), 0)
+        lo, hi = tl.split(tl.reshape(code, (BLOCK_M, BLOCK_K // 2, 2)))
+        packed = (lo | (hi << 4)).to(tl.uint8)
+        half = K // 2
+        hcols = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        tl.store(q_ptr + rows.to(tl.int64)[:, None] * half + hcols[None, :], packed,
+                 mask=rmask[:, None] & (hcols < half)[None, :])
+        nblk = K // 16
+        scols = pid_k * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)
+        tl.store(s_ptr + rows.to(tl.int64)[:, None] * nblk + scols[None, :],
+                 tl.where(nonzero[:, None], s_byte, 0), mask=rmask[:, None] & (scols < nblk)[None, :])
 
 
 def nvfp4_quantize_triton(
@@ -161,7 +169,7 @@ def nvfp4_quantize_triton(
         if check_finite and int(flag[1].item()):
             raise ValueError("NVFP4 quantize: input contains NaN or Inf")
         g = torch.empty((), dtype=torch.float32, device=dev)
-        _quantize_kernel[grid](x2, data, scale, flag, g, flag[1:], m, k, x2.stride(0),
+        _quantize_kernel[grid](x2, data, scale, flag, g, flag[1:], data, m, k, x2.stride(0),
                                G_IS_AMAX=True, G_PER_ROW=False, BLOCK_M=_Q_BLOCK_M, BLOCK_K=_Q_BLOCK_K,
                                num_warps=4)
     else:
@@ -177,9 +185,36 @@ def nvfp4_quantize_triton(
             rows_g = g
         if check_finite and (not bool(torch.isfinite(g).all()) or bool((g < 0).any())):
             raise ValueError("global_scale must be finite and >= 0")
-        _quantize_kernel[grid](x2, data, scale, rows_g, rows_g, flag[1:], m, k, x2.stride(0),
+        _quantize_kernel[grid](x2, data, scale, rows_g, rows_g, flag[1:], data, m, k, x2.stride(0),
                                G_IS_AMAX=False, G_PER_ROW=per_row, BLOCK_M=_Q_BLOCK_M, BLOCK_K=_Q_BLOCK_K,
                                num_warps=4)
         if check_finite and int(flag[1].item()):
             raise ValueError("NVFP4 quantize: input contains NaN or Inf")
     return NVFP4Tensor(data, scale.view(torch.float8_e4m3fn), g)
+
+
+def nvfp4_quantize_decoded_triton(x: torch.Tensor, *, dtype: torch.dtype = torch.float16
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [..., K]`` -> ``(e2m1 * scale [..., K] in dtype, global scale)``: the values of
+    ``nvfp4_quantize_triton(x)`` decoded without their global scale (twin: ``nvfp4.dequantize(q.data, q.scale,
+    1.0)``), bit-exact, written by the quantize pass itself instead of packed codes. Asynchronous: NaN/Inf input
+    gives unspecified values (no flag is read). The activation side of ``impl="decoded"``.
+    """
+    if x.ndim < 1 or x.shape[-1] % BLOCK:
+        raise ValueError(f"last dim must be a multiple of {BLOCK}, got shape {tuple(x.shape)}")
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    decoded = torch.empty(x.shape, dtype=dtype, device=x.device)
+    flag = torch.zeros(2, dtype=torch.int32, device=x.device)  # [amax bits, non-finite flag]
+    g = torch.zeros((), dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return decoded, g
+    n = x2.numel()
+    _amax_kernel[(triton.cdiv(n, _AMAX_BLOCK * _AMAX_STEPS),)](x2, flag, n, BLOCK=_AMAX_BLOCK, STEPS=_AMAX_STEPS,
+                                                               num_warps=8)
+    grid = (triton.cdiv(m, _Q_BLOCK_M), triton.cdiv(k, _Q_BLOCK_K))
+    _quantize_kernel[grid](x2, decoded, decoded, flag, g, flag[1:], decoded, m, k, x2.stride(0),
+                           G_IS_AMAX=True, G_PER_ROW=False, BLOCK_M=_Q_BLOCK_M, BLOCK_K=_Q_BLOCK_K,
+                           WRITE_CODES=False, WRITE_DECODED=True, num_warps=4)
+    return decoded, g
