@@ -281,3 +281,19 @@ def test_nvfp4_and_mixed_layers_are_not_concatenated():
         QuantLinear.concatenated([QuantLinear.from_linear(nn.Linear(32, 16), "nvfp4") for _ in range(2)])
     with pytest.raises(QuantError, match="one mode"):
         QuantLinear.concatenated([QuantLinear.from_linear(nn.Linear(32, 16), m) for m in ("fp8", "bf16")])
+
+
+@pytest.mark.gpu
+def test_nvfp4_mode_on_the_gpu_equals_float64_math():
+    """On CUDA the layer runs the Triton quantize-and-decode and the decoded GEMM (backend.nvfp4_linear)."""
+    lin = _linear()
+    q = QuantLinear.from_linear(lin, "nvfp4").cuda()
+    x = torch.randn(2, 128, 512)
+    with torch.no_grad():
+        y = q(x.cuda())
+        yb = q(x.cuda().bfloat16())
+    wd = nv.quantize(lin.weight.detach()).dequantize(torch.float64)
+    for got, inp, tol in ((y, x, 1e-5), (yb, x.bfloat16(), 8e-3)):
+        ref = nv.quantize(inp.reshape(-1, 512)).dequantize(torch.float64) @ wd.t() + lin.bias.double()
+        assert got.is_cuda and got.dtype == inp.dtype
+        assert _max_rel(got.cpu().reshape(-1, 384), ref) < tol

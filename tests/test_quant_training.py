@@ -225,3 +225,16 @@ def test_toy_regression_nvfp4_loss_falls_like_bf16():
     assert final["nvfp4"] <= 1.5 * final["bf16"], final
     assert final["fp8"] <= 1.2 * final["bf16"], final
     assert max(final.values()) < 0.15 * initial, (initial, final)
+
+
+@pytest.mark.gpu
+def test_nvfp4_gradients_on_the_gpu_equal_the_emulation():
+    """The same recipe on CUDA (Triton quantize, the default W4A4 GEMM impl) against the float64 emulation."""
+    x, w, b, dy = _problem()
+    cfg = NVFP4TrainingConfig(stochastic=False, hadamard_seed=3)
+    layer = _nvfp4_layer(w, b, config=cfg).cuda()
+    got = _run(layer, x.cuda(), w, b, dy.cuda())
+    want = _emulate_nvfp4(x, w, b, dy, seed=11, stochastic=False, hadamard_seed=3)
+    for g, r, name in zip(got, want, ("y", "dx", "dw", "db")):
+        assert g.is_cuda and g.shape == r.shape, name
+        assert _max_rel(g.cpu(), r) < 1e-5, (name, _max_rel(g.cpu(), r))
