@@ -253,6 +253,29 @@ def _interpreter_checks() -> Dict[str, Callable[[], object]]:
         assert bf.dtype == torch.bfloat16 and rel(bf, ref_matmul(a, b)) < 4e-3
         return max(errs)
 
+    def decoded_gemm_tma():
+        """The persistent TMA twin of the decoded GEMM: partial tiles in M, N and K (read as zeros past the
+        tensor), more tiles than programs, grouped order, the bias epilogue, the linear's leading dims."""
+        from longstream.quant.kernels.nvfp4_gemm_decoded import (INTERPRET_CONFIG, nvfp4_linear_decoded,
+                                                                 nvfp4_matmul_decoded)
+
+        errs = []
+        for (m, n, k, seed) in [(64, 64, 128, 70), (50, 70, 80, 71), (130, 17, 96, 72)]:
+            a, b = nv.quantize(heavy((m, k), seed)), nv.quantize(heavy((n, k), seed + 10, spread=0.5))
+            errs.append(rel(nvfp4_matmul_decoded(a, b, out_dtype=torch.float32, kernel="tma"), ref_matmul(a, b)))
+        a, b = nv.quantize(heavy((100, 192), 73)), nv.quantize(heavy((90, 192), 74))
+        cfg = dict(INTERPRET_CONFIG, BLOCK_K=64, GROUP_M=3)
+        errs.append(rel(nvfp4_matmul_decoded(a, b, out_dtype=torch.float32, config=cfg, kernel="tma"),
+                        ref_matmul(a, b)))
+        x, w = heavy((2, 21, 80), 75), nv.quantize(heavy((70, 80), 76, spread=0.5))
+        bias = torch.randn(70, generator=_gen(77)) * 5
+        want = nv.quantize(x.reshape(-1, 80)).dequantize(torch.float64) @ w.dequantize(torch.float64).T + bias.double()
+        out = nvfp4_linear_decoded(x, w, bias, out_dtype=torch.float32, kernel="tma")
+        assert out.shape == (2, 21, 70)
+        errs.append(rel(out.reshape(-1, 70), want))
+        assert max(errs) < 1e-5, errs
+        return max(errs)
+
     def quantize_decoded():
         """The quantize pass writing e2m1 * scale in fp16 instead of codes: bit-exact with decoding the twin's
         codes without the global scale, on random, heavy-tailed, tie, near-tie and special values, partial tiles
@@ -316,14 +339,16 @@ def _interpreter_checks() -> Dict[str, Callable[[], object]]:
     return {f.__name__: f for f in (quant_random, quant_heavy_tailed, quant_ties, quant_special, quant_nonfinite,
                                     quant_per_row_global_scale,
                                     gemm_fp32, gemm_bf16_and_leading_dims, gemm_special, dequantize_exact,
-                                    split_gemm, rs_gemm, decoded_gemm, quantize_decoded, decoded_linear,
+                                    split_gemm, rs_gemm, decoded_gemm, decoded_gemm_tma, quantize_decoded,
+                                    decoded_linear,
                                     backend_dispatch)}
 
 
 INTERP_CHECKS = ("quant_random", "quant_heavy_tailed", "quant_ties", "quant_special", "quant_nonfinite",
                  "quant_per_row_global_scale",
                  "gemm_fp32", "gemm_bf16_and_leading_dims", "gemm_special", "dequantize_exact", "split_gemm",
-                 "rs_gemm", "decoded_gemm", "quantize_decoded", "decoded_linear", "backend_dispatch")
+                 "rs_gemm", "decoded_gemm", "decoded_gemm_tma", "quantize_decoded", "decoded_linear",
+                 "backend_dispatch")
 
 
 def _child_main() -> None:
@@ -523,6 +548,9 @@ def test_gpu_quantize_decoded_and_linear() -> None:
     assert rel(qb.nvfp4_linear(x, w, bias, out_dtype=torch.float32, backend="triton"), want) < 1e-5
     out = qb.nvfp4_linear(x, w, bias, backend="triton")
     assert out.dtype == torch.bfloat16 and rel(out, want) < 4e-3
+    from longstream.quant.kernels.nvfp4_gemm_decoded import nvfp4_linear_decoded
+
+    assert rel(nvfp4_linear_decoded(x, w, bias, out_dtype=torch.float32, kernel="tma"), want) < 1e-5  # autotuned
 
 
 @pytest.mark.gpu

@@ -29,23 +29,26 @@ def compile_for_hopper(kernel, pointers: dict[str, str], constexprs: dict, float
     for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = "*" + pointers[name]
+        elif name in pointers:  # a TMA descriptor's type ("tensordesc<fp16[128, 64]>") is given whole
+            signature[name] = pointers[name] if pointers[name].startswith("tensordesc") else "*" + pointers[name]
         else:
             signature[name] = "fp32" if name in floats else "i32"
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
-               if name in pointers or name in multiples_of_16}
+               if (name in pointers and not signature[name].startswith("tensordesc")) or name in multiples_of_16}
     source = ASTSource(kernel, signature, constexprs=constexprs, attrs=aligned)
     return triton.compile(source, target=HOPPER, options=dict(num_warps=num_warps, num_stages=num_stages)).asm
 
 
-def first_loop(ttgir: str) -> list[str]:
-    """The lines of the first `scf.for` loop of a TTGIR listing (its header through its closing brace)."""
+def first_loop(ttgir: str, holding: str = "") -> list[str]:
+    """The lines of the first `scf.for` loop of a TTGIR listing (its header through its closing brace) that has a
+    line containing `holding`."""
     lines = ttgir.splitlines()
-    start = next(i for i, line in enumerate(lines) if "scf.for" in line)
-    indent = len(lines[start]) - len(lines[start].lstrip())
-    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith(" " * indent + "}"))
-    return lines[start:end + 1]
+    for start in (i for i, line in enumerate(lines) if "scf.for" in line):
+        indent = len(lines[start]) - len(lines[start].lstrip())
+        end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith(" " * indent + "}"))
+        if any(holding in line for line in lines[start:end + 1]):
+            return lines[start:end + 1]
+    raise AssertionError(f"no loop holds {holding!r}")
 
 
 @pytest.mark.parametrize("visible", [False, True])
@@ -114,6 +117,25 @@ def test_decoded_nvfp4_gemm_compiles_as_a_pipelined_gemm(cfg: tuple) -> None:
     assert sum("async_copy_global_to_local" in line and "!tt.ptr<f16>" in line for line in loop) == 2
     waits = [line for line in loop if "warp_group_dot_wait" in line]
     assert waits and all("pendings = 0" not in line for line in waits)
+
+
+@pytest.mark.parametrize("cfg", nvfp4_gemm_decoded._TMA_CONFIGS)
+def test_decoded_gemm_tma_compiles_as_one_flattened_tma_pipeline(cfg: tuple) -> None:
+    """The persistent variant: the tile loop and the K loop are one loop, both fp16 tiles arrive by TMA, and each
+    wgmma overlaps the next step."""
+    bm, bn, bk, stages, warps = cfg
+    asm = compile_for_hopper(
+        nvfp4_gemm_decoded._scaled_gemm_tma_kernel,
+        dict(a_desc=f"tensordesc<fp16[{bm}, {bk}]>", b_desc=f"tensordesc<fp16[{bn}, {bk}]>", ga_ptr="fp32",
+             gb_ptr="fp32", bias_ptr="fp32", c_ptr="bf16"),
+        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, NUM_SMS=132, HAS_BIAS=True), num_warps=warps,
+        num_stages=stages, multiples_of_16=("stride_cm",))
+    loop = first_loop(asm["ttgir"], holding="ttng.warp_group_dot ")
+    assert "cubin" in asm
+    assert sum("async_tma_copy_global_to_local" in line for line in loop) == 2
+    assert not any("scf.for" in line for line in loop[1:])  # flattened: no inner loop
+    waits = [line for line in loop if "warp_group_dot_wait" in line]
+    assert any("pendings = 1" in line for line in waits)
 
 
 def test_nvfp4_decode_compiles() -> None:

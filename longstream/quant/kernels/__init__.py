@@ -7,7 +7,8 @@
 * ``nvfp4_gemm_rs``: the same GEMM with the weights decoded as the tensor cores' register operand and the
   activations decoded to fp16 first (an experiment timed by ``bench/gemm.py``).
 * ``nvfp4_gemm_decoded``: both operands decoded exactly to fp16, then an fp16 GEMM with the global scales in its
-  epilogue (``impl="decoded"``: exact like the fused GEMM, pipelined like a plain one).
+  epilogue (``impl="decoded"``, the default: exact like the fused GEMM, pipelined like a plain one), also as a
+  persistent TMA kernel; the W4A4 linear whose activation quantize writes its fp16 decode directly.
 * ``kv_quant``: the FP8 KV cache's write (per-frame amax, e4m3 codes, scale) in one pass per frame, bit-exact
   with ``FP8KVStorage.write_reference``.
 * ``kv_dequant``: quantized KV cache (NVFP4, FP8) -> compute dtype in one pass, bit-exact with the storages' reads.

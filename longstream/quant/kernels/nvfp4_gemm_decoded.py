@@ -72,14 +72,45 @@ def _scaled_gemm_kernel(
         acc = tl.dot(a, tl.trans(b), acc)
         a_p += BLOCK_K
         b_p += BLOCK_K
-    out = acc * (tl.load(ga_ptr) * tl.load(gb_ptr))
+    _epilogue(acc, tl.load(ga_ptr) * tl.load(gb_ptr), bias_ptr, c_ptr, pid_m, pid_n, M, N, stride_cm,
+              BLOCK_M, BLOCK_N, HAS_BIAS)
+
+
+@triton.jit
+def _epilogue(acc, g, bias_ptr, c_ptr, pid_m, pid_n, M, N, stride_cm,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """c[tile] = acc * g (+ bias) in float32, then one rounding to c's dtype; rows and columns past M, N skipped."""
+    out = acc * g
     cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_BIAS:
         out += tl.load(bias_ptr + cn, mask=cn < N, other=0.0).to(tl.float32)[None, :]
-    out = out.to(c_ptr.dtype.element_ty)
-    tl.store(c_ptr + cm.to(tl.int64)[:, None] * stride_cm + cn[None, :], out,
+    tl.store(c_ptr + cm.to(tl.int64)[:, None] * stride_cm + cn[None, :], out.to(c_ptr.dtype.element_ty),
              mask=(cm < M)[:, None] & (cn < N)[None, :])
+
+
+@triton.jit
+def _scaled_gemm_tma_kernel(
+    a_desc, b_desc, ga_ptr, gb_ptr, bias_ptr, c_ptr,
+    M, N, K, stride_cm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_SMS: tl.constexpr, HAS_BIAS: tl.constexpr = False,
+):
+    """``_scaled_gemm_kernel`` as a persistent kernel: NUM_SMS programs walk the output tiles in grouped order,
+    and the fp16 tiles arrive by TMA through host-made tensor descriptors (a [M, K], b [N, K]; reads past the
+    tensor's rows or K come back as zeros). The loop over tiles is flattened into the K loop, so the next tile's
+    loads are issued while this one's epilogue runs."""
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    g = tl.load(ga_ptr) * tl.load(gb_ptr)
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_SMS, flatten=True):
+        pid_m, pid_n = _grouped_tile(tile, tiles_m, tiles_n, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for step in range(k_steps):
+            a = a_desc.load([pid_m * BLOCK_M, step * BLOCK_K])
+            b = b_desc.load([pid_n * BLOCK_N, step * BLOCK_K])
+            acc = tl.dot(a, b.T, acc)
+        _epilogue(acc, g, bias_ptr, c_ptr, pid_m, pid_n, M, N, stride_cm, BLOCK_M, BLOCK_N, HAS_BIAS)
 
 
 _scaled_gemm_autotuned = triton.autotune(
@@ -89,13 +120,68 @@ _scaled_gemm_autotuned = triton.autotune(
 )(_scaled_gemm_kernel)
 
 
+def _tma_block_shapes(nargs: dict) -> None:
+    """Autotune pre-hook: the descriptors' tile shapes follow the config being launched."""
+    nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["b_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+# Persistent TMA candidates (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); not timed yet: bench/gemm.py
+# times them (columns "gemm16 tma", "dec+qd tma").
+_TMA_CONFIGS = [
+    (128, 256, 64, 3, 8),
+    (128, 256, 64, 4, 8),
+    (128, 128, 64, 4, 8),
+    (128, 128, 64, 5, 8),
+    (128, 128, 128, 3, 8),
+]
+_scaled_gemm_tma_autotuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=st, num_warps=nw,
+                           pre_hook=_tma_block_shapes)
+             for bm, bn, bk, st, nw in _TMA_CONFIGS],
+    key=["M", "N", "K"],
+)(_scaled_gemm_tma_kernel)
+SCALED_GEMM_KERNELS = ("pointer", "tma")
+
+
+def _program_slots(device: torch.device) -> int:
+    """Programs of a persistent launch: one per SM (4 in the interpreter)."""
+    return 4 if interpreting() else torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _launch_tma(a: torch.Tensor, b: torch.Tensor, scalars: tuple, c: torch.Tensor, config: Optional[dict],
+                has_bias: bool) -> None:
+    """``_scaled_gemm_tma_kernel`` on a [M, K], b [N, K] into c; scalars: (ga, gb, bias or a placeholder)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if any(t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 for t in (a, b)):
+        raise ValueError("the TMA kernel needs 16-byte aligned operands with row strides of a multiple of 16 bytes")
+    m, n = a.shape[0], b.shape[0]
+    slots = _program_slots(a.device)
+    if config is None and interpreting():
+        config = INTERPRET_CONFIG
+    bm, bn, bk = (config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]) if config else (128, 128, 64)
+    descs = (TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk]))
+    rest = (*scalars, c, m, n, a.shape[1], c.stride(0))
+    if config is None:
+        def grid(meta):
+            return (min(slots, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
+        _scaled_gemm_tma_autotuned[grid](*descs, *rest, NUM_SMS=slots, HAS_BIAS=has_bias)
+    else:
+        grid = (min(slots, triton.cdiv(m, bm) * triton.cdiv(n, bn)),)
+        _scaled_gemm_tma_kernel[grid](*descs, *rest, NUM_SMS=slots, HAS_BIAS=has_bias, **config)
+
+
 def scaled_matmul(a: torch.Tensor, b: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor, *,
                   bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
-                  config: Optional[dict] = None) -> torch.Tensor:
+                  config: Optional[dict] = None, kernel: str = "pointer") -> torch.Tensor:
     """``(a [M, K] @ b [N, K]^T) * ga * gb (+ bias [N])`` -> [M, N] in ``out_dtype``: fp16 operands (unit stride
     along K), fp32 accumulation, float32 scalar tensors ``ga``, ``gb``, the bias added in float32 before the one
     rounding. ``config``: fixed kernel parameters (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
-    instead of autotuning; the interpreter's default is small."""
+    instead of autotuning; the interpreter's default is small. ``kernel``: "pointer" (the measured default) or
+    "tma" (persistent, operands by TMA; sm_90+ or the interpreter)."""
+    if kernel not in SCALED_GEMM_KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(SCALED_GEMM_KERNELS)}")
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"scaled_matmul needs a [M, K] and b [N, K], got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.dtype != torch.float16 or b.dtype != torch.float16:
@@ -111,6 +197,9 @@ def scaled_matmul(a: torch.Tensor, b: torch.Tensor, ga: torch.Tensor, gb: torch.
     bias_arg = c if bias is None else bias.contiguous()
     args = (a, b, ga.reshape(1).to(torch.float32), gb.reshape(1).to(torch.float32), bias_arg, c, m, n, k,
             a.stride(0), b.stride(0), c.stride(0))
+    if kernel == "tma":
+        _launch_tma(a, b, args[2:5], c, config, bias is not None)
+        return c
     if config is None and interpreting():
         config = INTERPRET_CONFIG
     if config is None:
@@ -126,18 +215,19 @@ def scaled_matmul(a: torch.Tensor, b: torch.Tensor, ga: torch.Tensor, gb: torch.
 
 
 def nvfp4_matmul_decoded(a: NVFP4Tensor, b: NVFP4Tensor, *, out_dtype: torch.dtype = torch.bfloat16,
-                         config: Optional[dict] = None) -> torch.Tensor:
+                         config: Optional[dict] = None, kernel: str = "pointer") -> torch.Tensor:
     """W4A4 ``a [..., M, K] @ b [N, K]^T`` -> ``[..., M, N]`` in ``out_dtype``: both operands decoded exactly to
     fp16, then ``scaled_matmul`` with their global scales (module docstring)."""
     k = check_operands(a, b)
     ad = nvfp4_dequantize_triton(a, dtype=torch.float16).reshape(-1, k)
     bd = nvfp4_dequantize_triton(b, dtype=torch.float16)
-    out = scaled_matmul(ad, bd, a.global_scale, b.global_scale, out_dtype=out_dtype, config=config)
+    out = scaled_matmul(ad, bd, a.global_scale, b.global_scale, out_dtype=out_dtype, config=config, kernel=kernel)
     return out.reshape(*a.shape[:-1], b.shape[0])
 
 
 def nvfp4_linear_decoded(x: torch.Tensor, w: NVFP4Tensor, bias: Optional[torch.Tensor] = None, *,
-                         out_dtype: torch.dtype = torch.bfloat16, config: Optional[dict] = None) -> torch.Tensor:
+                         out_dtype: torch.dtype = torch.bfloat16, config: Optional[dict] = None,
+                         kernel: str = "pointer") -> torch.Tensor:
     """W4A4 linear ``quantize(x) [..., K] @ w [N, K]^T (+ bias)`` -> ``[..., N]``: the activation quantized and
     decoded to fp16 in one pass (``nvfp4_quantize_decoded_triton``, its packed codes never written), the weight
     decoded, then ``scaled_matmul`` with both global scales and the bias in its epilogue. Equals
@@ -147,5 +237,6 @@ def nvfp4_linear_decoded(x: torch.Tensor, w: NVFP4Tensor, bias: Optional[torch.T
         raise ValueError(f"x has last dim {x.shape[-1]}, the weight {k}")
     xd, gx = nvfp4_quantize_decoded_triton(x)
     wd = nvfp4_dequantize_triton(w, dtype=torch.float16)
-    out = scaled_matmul(xd.reshape(-1, k), wd, gx, w.global_scale, bias=bias, out_dtype=out_dtype, config=config)
+    out = scaled_matmul(xd.reshape(-1, k), wd, gx, w.global_scale, bias=bias, out_dtype=out_dtype, config=config,
+                        kernel=kernel)
     return out.reshape(*x.shape[:-1], w.shape[0])
