@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 from longstream.config import get_preset
+from longstream.errors import UsageError
 from longstream.model.transformer import CausalWanTransformer
+from longstream.paths import output_file
 from longstream.pipeline.stream import ShotPlan, StreamingGenerator
 from longstream.vae import StreamingDecoder, build_vae
 from longstream.vae.async_decode import AsyncDecoder
@@ -43,6 +45,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--out", default="bench/results/async_decode.json")
     a = p.parse_args()
+    try:
+        output_file(a.out, ".json", "--out")  # before any work: a bad path fails now, in one line
+    except UsageError as exc:
+        p.error(str(exc))
     preset = get_preset(a.preset)
     stream = dataclasses.replace(preset.stream, steps=a.steps)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -105,9 +111,7 @@ def main() -> None:
     for name, t in (("DiT alone", dit), ("VAE alone", vae_only), ("sequential", sequential), ("async", overlapped)):
         print(f"{name:12s} {t:8.3f} {frames / t:10.1f}")
     print(f"async / max(DiT, VAE) = {result['async_over_max']:.3f}; peak memory {result['peak_memory_gb']:.1f} GiB")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    Path(a.out).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from longstream.errors import UsageError  # noqa: E402 (after the path insert)
+from longstream.paths import output_file  # noqa: E402
 
 SHAPES: List[Tuple[int, int, int]] = [(m, n, k) for m in (7040, 14080)
                                       for (n, k) in ((3072, 3072), (14336, 3072), (3072, 14336))]
@@ -167,6 +169,10 @@ def main() -> None:
     p.add_argument("--tune", action="store_true", help="also sweep the fused GEMM's configs")
     p.add_argument("--shapes", default="", help="comma list of MxNxK (default: the 5B model's six)")
     args = p.parse_args()
+    try:
+        output_file(args.out, ".json", "--out")  # before any work: a bad path fails now, in one line
+    except UsageError as exc:
+        p.error(str(exc))
     if not torch.cuda.is_available():
         sys.exit("bench/gemm.py needs a CUDA GPU")
     import triton
@@ -208,10 +214,8 @@ def main() -> None:
         print("\nfused GEMM configs (TFLOP/s):")
         for r in rows:
             print(f"  {r['M']}x{r['N']}x{r['K']}: {r.get('tune_tflops')}  autotuned: {r['autotuned_config']}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"\nwrote {out}")
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from longstream.errors import UsageError
 from longstream.model.kv_cache import DenseKVStorage
+from longstream.paths import output_file
 from longstream.quant.kernels.fp8_attention import fp8_attention
 from longstream.quant.kernels.kv_attention import nvfp4_kv_attention
 from longstream.quant.kv_storage import FP8KVStorage, NVFP4KVStorage
@@ -49,6 +51,10 @@ def main() -> None:
                    help="FP8 attention launch settings, BLOCK_MxBLOCK_NxWARPSxSTAGES, comma list")
     p.add_argument("--out", default="bench/results/kv_attention.json")
     a = p.parse_args()
+    try:
+        output_file(a.out, ".json", "--out")  # before any work: a bad path fails now, in one line
+    except UsageError as exc:
+        p.error(str(exc))
     dev = torch.device("cuda")
     keys = a.frames * a.tokens_per_frame
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -130,9 +136,7 @@ def main() -> None:
         dequant = "-" if r["dequant_ms"] is None else f"{r['dequant_ms']:.3f}"
         print(f"{r['kv']:22s} {r['total_ms']:9.3f} {dequant:>10s} {r['tflops']:8.1f} {r['time_vs_bf16']:9.3f} "
               f"{r['kv_bytes'] / 2**20:8.1f} {r['memory_vs_bf16']:6.2f} {r['rel_err_vs_bf16']:8.4f}")
-    out_path = Path(a.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2))
+    Path(a.out).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

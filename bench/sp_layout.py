@@ -20,9 +20,11 @@ import argparse
 import json
 from pathlib import Path
 
+from longstream.errors import UsageError
 from longstream.model.attention import teacher_forcing_mask
 from longstream.parallel.balanced_sp import make_layout
 from longstream.parallel.ulysses import attention_bytes_sent, even_splits
+from longstream.paths import output_file
 
 
 def training_rows(frames: int, chunk: int, world: int, tokens: int, heads: int, head_dim: int,
@@ -80,6 +82,11 @@ def main() -> None:
     p.add_argument("--passes", type=int, default=5)
     p.add_argument("--out", default=None, help="write the tables as JSON here")
     a = p.parse_args()
+    if a.out:
+        try:
+            output_file(a.out, ".json", "--out")  # before any work: a bad path fails now, in one line
+        except UsageError as exc:
+            p.error(str(exc))
 
     train = [row for f in a.clips for w in a.sp
              for row in training_rows(f, a.chunk, w, a.tokens_per_frame, a.heads, a.head_dim, a.layers)]
@@ -107,7 +114,6 @@ def main() -> None:
               f"{r['out_mb']:.0f} | {r['total_mb']:.0f} | {r['vs_bf16']:.2f} |")
     if a.out:
         config = {k: v for k, v in vars(a).items() if k != "out"}
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps({"config": config, "training": train, "inference": infer}, indent=1))
         print(f"wrote {a.out}")
 

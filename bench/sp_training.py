@@ -47,6 +47,7 @@ from longstream.errors import LongstreamError
 from longstream.model.transformer import CausalWanTransformer
 from longstream.parallel import ParallelContext, make_layout
 from longstream.parallel.balanced_sp import LAYOUTS
+from longstream.paths import output_file
 from longstream.quant.training import TRAINING_MODES, convert_for_training
 from longstream.train.distributed import ParallelTraining, check_layout
 
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     try:
+        if a.json:
+            output_file(a.json, ".json", "--json")  # before any work: a bad path fails now, in one line
         frames_list = _ints(a.frames, "--frames")
         layouts = parse_list(a.layout, "--layout", list(LAYOUTS))
         gemms = parse_list(a.gemm, "--gemm", TRAINING_MODES)

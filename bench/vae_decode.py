@@ -35,8 +35,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from longstream.config import get_preset
+from longstream.errors import UsageError
 from longstream.vae import StreamingDecoder, build_vae
 from longstream.fused import fusion
+from longstream.paths import output_file
 from longstream.vae.fast import FastResidualBlock, SubPixelUpConv, accelerate
 
 LAYERS = ("plain", "fast", "fused", "fused-cl", "fused-cl-3x3", "fused-cl-nofold", "fused-cl-subbias")
@@ -97,6 +99,11 @@ def main() -> None:
     p.add_argument("--base-dim", type=int, default=0, help="the VAE's base channels (default: the preset's)")
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args()
+    if a.json:
+        try:
+            output_file(a.json, ".json", "--json")  # before any work: a bad path fails now, in one line
+        except UsageError as exc:
+            p.error(str(exc))
     layers = a.layers.split(",")
     if any(x not in LAYERS for x in layers):
         p.error(f"--layers takes {', '.join(LAYERS)}")
@@ -158,7 +165,6 @@ def main() -> None:
                   peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None)
     print(f"{flops / 1e12:.1f} TFLOP a chunk ({result['tflop_per_video_frame']:.2f} per video frame)")
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(result, indent=2))
 
 

@@ -30,6 +30,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from longstream.devices import resolve_device
+from longstream.errors import UsageError
+from longstream.paths import output_file
 from longstream.train.trainer import TrainConfig, make_trainer
 from longstream.train.vae_objective import vae_loss, world_videos
 
@@ -97,6 +99,11 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args()
+    if a.json:
+        try:
+            output_file(a.json, ".json", "--json")  # before any work: a bad path fails now, in one line
+        except UsageError as exc:
+            p.error(str(exc))
     if a.steps < 1 or a.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     if "bf16" in a.precision.split(",") and resolve_device(a.device).type != "cuda":
@@ -122,7 +129,6 @@ def main() -> None:
     result = dict(device=rows[-1]["device"], date=time.strftime("%Y-%m-%d"), torch=torch.__version__, warmup=a.warmup,
                   steps=a.steps, stages=STAGES, tflop_per_step={k: v / 1e12 for k, v in flops.items()}, rows=rows)
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(result, indent=2))
 
 

@@ -30,6 +30,8 @@ import torch
 
 from longstream.bench.report import num, render_table
 from longstream.devices import resolve_device
+from longstream.errors import UsageError
+from longstream.paths import output_file
 from longstream.pipeline.generate import GenerateRequest, Generation, prepare, write_video
 from longstream.pipeline.video_io import read_video_info
 
@@ -93,6 +95,11 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="write the results here (rewritten after every row)")
     a = p.parse_args()
+    if a.json:
+        try:
+            output_file(a.json, ".json", "--json")  # before any work: a bad path fails now, in one line
+        except UsageError as exc:
+            p.error(str(exc))
     device = resolve_device(a.device)
     async_decode = None if a.async_decode is None else a.async_decode == "on"
     base = GenerateRequest(output="", preset=a.preset, prompts=[a.prompt], device=str(device), progress=False,

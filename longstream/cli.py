@@ -70,6 +70,8 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
 def _run_generate(args: argparse.Namespace) -> None:
     from .pipeline.generate import GenerateRequest, generate_video
 
+    if args.vae and not os.path.exists(args.vae):  # else the folder reading (diffusers) would say "no config.json"
+        raise UsageError(f"--vae {args.vae}: no such file or folder")
     request = GenerateRequest(
         output=args.output, preset=args.preset, prompts=args.prompt, prompts_file=args.prompts,
         seconds=args.seconds, steps=args.steps, seed=args.seed, checkpoint=args.checkpoint,
@@ -209,10 +211,21 @@ def _lora_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_lora_merge(args: argparse.Namespace) -> None:
-    from .model.checkpoints import load_transformer, save_transformer
-    from .model.lora import merge_lora_file
+    from .model.checkpoints import FORMAT, CheckpointError, load_transformer, save_transformer
+    from .model.lora import FORMAT as LORA_FORMAT
+    from .model.lora import LoRAError, merge_lora_file
+    from .safetensors_io import holds, read_format
 
     output_file(args.output, ".safetensors")
+    base, lora = read_format(args.base, CheckpointError, "checkpoint"), read_format(args.lora, LoRAError, "LoRA")
+    if (base, lora) == (LORA_FORMAT, FORMAT):
+        raise UsageError(f"BASE and LORA are swapped: {args.base} is the LoRA, {args.lora} the checkpoint (usage: "
+                         "longstream lora merge BASE LORA OUTPUT)")
+    for role, path, got, want in (("BASE", args.base, base, FORMAT), ("LORA", args.lora, lora, LORA_FORMAT)):
+        if got != want:
+            what = holds(got) if got else "weights of no longstream format (see `longstream convert`)"
+            raise UsageError(f"{role} {path} holds {what}, not {holds(want)} (usage: longstream lora merge BASE "
+                             "LORA OUTPUT)")
     model = load_transformer(args.base)
     model.load_state_dict(merge_lora_file(model.state_dict(), args.lora), strict=True)
     save_transformer(model, args.output)

@@ -1,4 +1,8 @@
-"""Checks on the files a command will write, made before any work so a bad path fails at once in one line."""
+"""Checks on the files a command will write, made before any work so a bad path fails at once in one line, and
+where a written file lands.
+
+Outputs are written to a hidden file beside the target and renamed onto it; for a symlink the target is the file
+it points to (`final_path`), so the link stays a link and its file is replaced atomically, as a plain write would."""
 
 from __future__ import annotations
 
@@ -8,15 +12,21 @@ from pathlib import Path
 from .errors import UsageError
 
 
+def final_path(path: str | os.PathLike) -> Path:
+    """The file that writing `path` replaces: the end of its symlinks (absolute), else `path` itself."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 def output_file(path: str | os.PathLike, suffix: str | None = None, what: str = "output") -> Path:
     """`path` as a Path once it can be written: is not a folder, ends in `suffix` (when given, any case), and its
-    folder exists, is a folder and is writable. Raises UsageError naming `what` otherwise."""
+    folder (a symlink's target's) exists, is a folder and is writable. Raises UsageError naming `what` otherwise."""
     out = Path(path)
     if out.is_dir():
         raise UsageError(f"{what} {out} is a folder")
     if suffix is not None and out.suffix.lower() != suffix:
         raise UsageError(f"{what} {out} must end in {suffix}")
-    folder = out.parent
+    folder = final_path(out).parent
     if not folder.exists():
         raise UsageError(f"{what} {out}: folder {folder} does not exist")
     if not folder.is_dir():
@@ -24,3 +34,17 @@ def output_file(path: str | os.PathLike, suffix: str | None = None, what: str = 
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"{what} {out}: folder {folder} is not writable")
     return out
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8) to a hidden file beside `final_path(path)`, fsync it and rename it onto the target."""
+    path = final_path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,8 +1,10 @@
 """Reading and writing safetensors files the way every longstream format does.
 
 `save_atomic` writes to a hidden temporary file beside the target (named after the process, so concurrent writers
-do not collide), fsyncs it and renames it, so a crash never leaves a half-written file under the final name. `load` returns (tensors, metadata) and turns every failure (missing,
-truncated or foreign file) into the caller's one-line error type, naming the file.
+do not collide), fsyncs it and renames it, so a crash never leaves a half-written file under the final name; a
+symlink's file is replaced, the link kept (`paths.final_path`). `load` returns (tensors, metadata) and
+`read_format` a file's `longstream_format` from its header alone; both turn every failure (missing, truncated or
+foreign file) into the caller's one-line error type, naming the file. `holds` says what a format holds, in words.
 """
 
 from __future__ import annotations
@@ -12,11 +14,17 @@ from pathlib import Path
 
 import torch
 
+from .paths import final_path
+
+# what each longstream_format holds, for messages (the formats are defined beside their readers)
+_HOLDS = {"transformer/1": "a transformer checkpoint", "quantized/1": "quantized transformer weights",
+          "lora/1": "a LoRA", "vae/1": "VAE weights", "prompt-embedding/1": "a cached prompt embedding"}
+
 
 def save_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
-    path = Path(path)
+    path = final_path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
@@ -36,6 +44,22 @@ def _umask() -> int:
 
 def load(path: str | Path, error: type[Exception], what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of `path`; `error(f"{path}: ...")` for anything unreadable (`what` names the kind)."""
+    return _read(path, error, what, tensors=True)
+
+
+def read_format(path: str | Path, error: type[Exception], what: str) -> str | None:
+    """The `longstream_format` of `path` (None for a safetensors file of other origin), from its header alone;
+    `load`'s errors."""
+    return _read(path, error, what, tensors=False)[1].get("longstream_format")
+
+
+def holds(fmt: str) -> str:
+    """What a file of longstream format `fmt` holds, e.g. "VAE weights"."""
+    return _HOLDS.get(fmt, f"longstream {fmt!r} data")
+
+
+def _read(path: str | Path, error: type[Exception], what: str, tensors: bool
+          ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
 
     path = Path(path)
@@ -44,8 +68,8 @@ def load(path: str | Path, error: type[Exception], what: str) -> tuple[dict[str,
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except Exception as exc:  # safetensors raises several error types for foreign or truncated files
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise error(f"{path}: not a readable safetensors {what} ({reason})") from None
-    return tensors, metadata
+    return state, metadata

@@ -158,6 +158,7 @@ BAD = {
     "folder as shot file": (lambda p: ["--prompts", str(p)], "is a folder"),
     "decode device beyond the GPUs": (lambda p: ["--prompt", "x", "--decode-device", "cuda:7"], "cuda:7 asked for"),
     "decode device with sp": (lambda p: ["--prompt", "x", "--decode-device", "cpu", "--sp", "2"], "for one process"),
+    "missing vae": (lambda p: ["--prompt", "x", "--vae", str(p / "nope")], "nope: no such file or folder"),
 }
 
 
@@ -178,6 +179,20 @@ def test_bad_input_gives_one_line_and_no_output(tmp_path, case, capsys):
     assert code == 2
     assert len(err) == 1 and err[0].startswith("longstream: error: ") and message in err[0]
     assert {p.name for p in tmp_path.iterdir()} == before  # nothing written
+
+
+def test_generate_writes_through_a_symlinked_output(tmp_path):
+    """The file a symlinked --output points to is replaced; the link stays a link."""
+    target = tmp_path / "videos" / "v.mp4"
+    target.parent.mkdir()
+    target.write_bytes(b"previous video")
+    link = tmp_path / "v.mp4"
+    link.symlink_to(target)
+    assert main(["generate", "--preset", "tiny", "--prompt", "a red ball", "--seconds", "0.5", "--output", str(link),
+                 "--quiet", "--width", "32", "--height", "32"]) == 0
+    assert link.is_symlink() and read_video_info(target)[0] == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4", "videos"]
+    assert [p.name for p in target.parent.iterdir()] == ["v.mp4"]
 
 
 def test_help_lists_commands():
@@ -253,6 +268,31 @@ def test_lora_merge_command(tmp_path):
         assert torch.allclose(merged(x, t, e), model(x, t, e), rtol=1e-5, atol=1e-6)
 
 
+def _weights(path, fmt):
+    """A safetensors file of longstream format `fmt` (its header is what the format checks read)."""
+    import torch
+
+    from longstream.safetensors_io import save_atomic
+
+    save_atomic({"w": torch.zeros(1)}, path, {"longstream_format": fmt} if fmt else None)
+    return str(path)
+
+
+def _train_from_a_vae(p):
+    """A teacher-forcing config whose init is a VAE file (the output of a vae run)."""
+    import torch
+
+    from longstream.train.data import write_clip
+    from longstream.vae import build_vae
+    from longstream.vae.checkpoints import save_vae
+
+    write_clip(p / "d", "c", torch.randn(16, 4, 2, 2), [("x", 0, 4)])
+    save_vae(build_vae("tiny", seed=0), p / "vae.safetensors")
+    cfg = _write(p / "t.yaml", "objective: teacher_forcing\ndata: d\noutput: o\nclip_frames: 4\ninit: vae.safetensors\n"
+                 "device: cpu\n")
+    return ["train", str(cfg)]
+
+
 OTHER_BAD = {  # commands other than generate: the output is checked before any work
     "eval json to a folder": (lambda p: ["eval", "--json", str(p)], "is a folder"),
     "train a folder": (lambda p: ["train", str(p)], "is a folder; give its YAML config file"),
@@ -264,6 +304,23 @@ OTHER_BAD = {  # commands other than generate: the output is checked before any 
     "world over a file": (lambda p: ["world", str(p / "w"), "--vae", str(_write(p / "w", "x"))], "is a file"),
     "world with a corrupt vae": (lambda p: ["world", str(p / "new"), "--vae", str(_write(p / "v.safetensors", "x"))],
                                  "v.safetensors"),
+    "world with a missing vae": (lambda p: ["world", str(p / "new"), "--vae", str(p / "nope")],
+                                 "nope: no such VAE file"),
+    "world with a folder as vae": (lambda p: ["world", str(p / "new"), "--vae", str(p)], "is a folder, not a VAE file"),
+    "merge with base and lora swapped": (
+        lambda p: ["lora", "merge", _weights(p / "l.safetensors", "lora/1"), _weights(p / "b.safetensors",
+                   "transformer/1"), str(p / "m.safetensors")], "BASE and LORA are swapped"),
+    "merge into a VAE": (
+        lambda p: ["lora", "merge", _weights(p / "v.safetensors", "vae/1"), _weights(p / "l.safetensors", "lora/1"),
+                   str(p / "m.safetensors")], "v.safetensors holds VAE weights, not a transformer checkpoint"),
+    "merge a checkpoint as the lora": (
+        lambda p: ["lora", "merge", _weights(p / "b.safetensors", "transformer/1"), _weights(p / "c.safetensors",
+                   "transformer/1"), str(p / "m.safetensors")], "holds a transformer checkpoint, not a LoRA"),
+    "merge foreign weights": (
+        lambda p: ["lora", "merge", _weights(p / "b.safetensors", None), _weights(p / "l.safetensors", "lora/1"),
+                   str(p / "m.safetensors")], "holds weights of no longstream format (see `longstream convert`)"),
+    "train from a VAE file": (_train_from_a_vae, "vae.safetensors holds VAE weights, but objective teacher_forcing "
+                              "trains a transformer"),
 }
 
 

@@ -36,6 +36,17 @@ def test_malformed_files_name_the_problem(tmp_path, name, text, message):
         load_shots(path)
 
 
+@pytest.mark.parametrize("name,text", [
+    ("s.jsonl", '{"prompt": "one", "seconds": 1}\n{"prompt": "two", "seconds": 2}\n'),
+    ("s.yaml", "- {prompt: one, seconds: 1}\n- {prompt: two, seconds: 2}\n"),
+])
+def test_a_byte_order_mark_is_accepted(tmp_path, name, text):
+    """Windows editors start UTF-8 files with a byte-order mark."""
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert load_shots(path) == [Shot("one", 1.0), Shot("two", 2.0)]
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ShotError, match="no such prompt file"):
         load_shots(tmp_path / "nope.yaml")

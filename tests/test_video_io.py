@@ -99,6 +99,21 @@ def test_existing_target_survives_failed_write_and_is_replaced_on_success(tmp_pa
     assert read_video_info(out)[0] == 2
 
 
+def test_a_symlink_is_written_through(tmp_path):
+    """A symlinked output: the file it points to is replaced (atomically, its folder holds no temp file) and the
+    link stays a link."""
+    target = tmp_path / "store" / "video.mp4"
+    target.parent.mkdir()
+    target.write_bytes(b"previous video")
+    link = tmp_path / "link.mp4"
+    link.symlink_to(target)
+    with StreamingMP4Writer(link, fps=16) as writer:
+        writer.write(_smooth_frames(2))
+    assert link.is_symlink() and link.resolve() == target
+    assert sorted(os.listdir(tmp_path)) == ["link.mp4", "store"] and os.listdir(target.parent) == ["video.mp4"]
+    assert read_video_info(target)[0] == 2
+
+
 def test_abort(tmp_path):
     out = tmp_path / "video.mp4"
     with StreamingMP4Writer(out, fps=16) as writer:

@@ -89,11 +89,9 @@ import dataclasses
 import gc
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -106,7 +104,7 @@ from ..fused import fusion, serialized
 from ..model.fuse_qkv import fuse_qkv
 from ..model.kv_cache import ATTENTION_KINDS
 from ..model.transformer import CausalWanTransformer
-from ..paths import output_file
+from ..paths import output_file, write_text_atomic
 from ..pipeline.stream import ShotPlan, StreamingGenerator
 from ..quant.linear import MODES, quantize_model
 from ..vae import StreamingDecoder, build_vae
@@ -512,9 +510,7 @@ def settings(p: _Plan) -> dict[str, Any]:
 
 
 def _write_json(result: dict[str, Any], path: str) -> None:
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(result, indent=2) + "\n")
 
 
 def run_e2e(req: E2ERequest) -> dict[str, Any]:

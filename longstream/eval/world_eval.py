@@ -31,6 +31,7 @@ from diffusers import AutoencoderKLWan
 from ..config import get_preset
 from ..devices import resolve_device
 from ..errors import UsageError
+from ..paths import write_text_atomic
 from ..pipeline.generate import GenerateRequest, load_models, with_embedded_weights
 from ..pipeline.stream import ShotPlan, StreamingGenerator
 from ..train.world import COLOURS, MOTIONS, SHAPES, Scene, changed_scene, measure_frames, random_scene, render_clip
@@ -214,8 +215,5 @@ def format_table(result: dict) -> str:
 
 
 def write_json(result: dict, path: str | Path) -> None:
-    """Write atomically (a temporary file beside it, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
+    """Write atomically (a temporary file beside it, then rename; `paths.write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(result, indent=2) + "\n")

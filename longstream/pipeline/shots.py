@@ -3,6 +3,7 @@
 File formats (lengths in seconds of output video):
 - YAML: a list of shots, or a mapping with a `shots:` list; each shot is `{prompt: str, seconds: number}`.
 - JSONL: one JSON object per line, `{"prompt": "...", "seconds": 4}`; blank lines are skipped.
+Both are UTF-8, with or without a byte-order mark.
 
 Prompt switches happen at chunk boundaries: each shot starts at the chunk nearest to its start time and gets at
 least one chunk.
@@ -58,7 +59,7 @@ def load_shots(path: str | Path) -> list[Shot]:
     if not path.is_file():
         raise ShotError(f"{path}: no such prompt file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: drops the byte-order mark Windows editors write
     except (OSError, UnicodeDecodeError) as exc:
         raise ShotError(f"{path}: cannot read ({exc})") from None
     if path.suffix.lower() == ".jsonl":

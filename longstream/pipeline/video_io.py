@@ -2,9 +2,10 @@
 
 `StreamingMP4Writer` encodes frames as soon as they are handed to `write()` (only the encoder's own lookahead is
 held in memory), into a hidden temporary file next to the target. A successful `close()` flushes the encoder,
-fsyncs the file and `os.replace()`s it onto the target path, so a reader never sees a half-written video under
-the final name. Any exception inside the `with` block (KeyboardInterrupt included) or an explicit `abort()` deletes
-the temporary file and leaves whatever already existed at the target path untouched.
+fsyncs the file and `os.replace()`s it onto the target path (for a symlink, onto the file it points to: the link
+stays), so a reader never sees a half-written video under the final name. Any exception inside the `with` block
+(KeyboardInterrupt included) or an explicit `abort()` deletes the temporary file and leaves whatever already
+existed at the target path untouched.
 
 Odd frame sizes are rejected (ValueError naming the size) for chroma-subsampled pixel formats such as yuv420p,
 rather than padded: padding would silently change the video's dimensions.
@@ -20,6 +21,8 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
+
+from ..paths import final_path
 
 _FALLBACK_CODEC = "mpeg4"
 
@@ -95,6 +98,7 @@ class StreamingMP4Writer:
         codec_options: dict[str, str] | None = None,
     ) -> None:
         self.path = Path(path)
+        self._target = final_path(self.path)  # the file replaced: a symlink's, not the link
         self.rate = _as_rate(fps)
         if codec == "libx264" and not _encoder_available(codec):
             codec = _FALLBACK_CODEC
@@ -135,8 +139,8 @@ class StreamingMP4Writer:
         self.width, self.height = width, height
 
     def _open(self) -> None:
-        name = f".{self.path.name}.partial-{secrets.token_hex(8)}.mp4"
-        tmp_path = self.path.with_name(name)
+        name = f".{self._target.name}.partial-{secrets.token_hex(8)}.mp4"
+        tmp_path = self._target.with_name(name)
         # O_EXCL reserves the name; mode 0o666 lets the umask decide the final permissions, as for a plain open().
         self._fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         self._tmp_path = tmp_path
@@ -179,13 +183,13 @@ class StreamingMP4Writer:
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
-            os.replace(self._tmp_path, self.path)
+            os.replace(self._tmp_path, self._target)
         except BaseException:
             self.abort()
             raise
         self._finished = True
         if os.name == "posix":  # make the rename itself durable
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            dir_fd = os.open(self._target.parent, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)
             finally:

@@ -39,9 +39,11 @@ import yaml
 from ..config import ConfigError, get_preset
 from ..devices import resolve_device
 from ..errors import LongstreamError
-from ..model.checkpoints import load_transformer, save_transformer
+from ..model.checkpoints import FORMAT as TRANSFORMER_FORMAT
+from ..model.checkpoints import CheckpointError, load_transformer, save_transformer
 from ..model.transformer import CausalWanTransformer
 from ..parallel import ParallelContext
+from ..safetensors_io import holds, read_format
 from ..text.encoders import HashTextEncoder
 from .data import LatentClipDataset
 from .distributed import PARALLEL_OBJECTIVES, ParallelTraining, check_layout, launched_world_size, write_transformer
@@ -290,7 +292,7 @@ class Trainer:
     def _build_model(self) -> torch.nn.Module:
         torch.manual_seed(self.cfg.seed)
         if self.cfg.init:
-            model = load_transformer(run_weights(self.cfg.init), expected=self.preset.transformer)
+            model = self._load_transformer("init", self.cfg.init)
         else:
             model = CausalWanTransformer(self.preset.transformer)
         model = model.to(self.device).train()
@@ -301,11 +303,21 @@ class Trainer:
             convert_for_training(model, self.cfg.gemm)
         return model
 
+    def _load_transformer(self, setting: str, path: str) -> CausalWanTransformer:
+        """The transformer named by setting `init` or `teacher`; a file of another kind (a VAE, a LoRA) is refused
+        in one line naming the setting (a file of no longstream format is left to load_transformer's checks)."""
+        file = run_weights(path)
+        fmt = read_format(file, CheckpointError, "checkpoint")
+        if fmt not in (None, TRANSFORMER_FORMAT):
+            raise ConfigError(f"{setting} {file} holds {holds(fmt)}, but objective {self.cfg.objective} trains a "
+                              "transformer: give a transformer checkpoint or its run folder")
+        return load_transformer(file, expected=self.preset.transformer)
+
     def _build_dmd(self):
         from ..model.lora import LoRAConfig
         from .dmd import DMDConfig, DMDTrainer
 
-        teacher = load_transformer(run_weights(self.cfg.teacher), expected=self.preset.transformer).to(self.device)
+        teacher = self._load_transformer("teacher", self.cfg.teacher).to(self.device)
         settings = dict(self.cfg.dmd or {})
         if self.cfg.lora:
             settings["lora"] = LoRAConfig(**self.cfg.lora)

@@ -1,6 +1,8 @@
 """`longstream world`: render procedural-world clips and encode them into a latent dataset (`data.py` format).
 
 Steps, all resumable:
+0. settings: `world.json` records what the folder is made from (written atomically); it binds once the folder
+   holds data (the VAE file or the index), so a run interrupted before that leaves no constraint behind;
 1. latent statistics: the per-channel mean and std of the VAE's posterior means over the first `stats_clips`
    clips; the VAE is written with them to `OUT/vae.safetensors` (these statistics define "model space", so
    every later stage and generation uses this file);
@@ -18,6 +20,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from tqdm import tqdm
 
+from ..paths import write_text_atomic
 from ..vae import encode_chunked, num_latent_frames
 from ..vae.checkpoints import load_vae, save_vae
 from ..vae.fast import accelerate
@@ -30,14 +33,19 @@ SETTINGS_FILE = "world.json"  # what the folder was made from: a later call must
 
 
 def _check_settings(out: Path, settings: dict) -> None:
-    """Record `settings` in a new folder; in an existing one, refuse different settings (one line)."""
+    """Record `settings` in a folder without data yet; in one with data, refuse different settings (one line)."""
     path = out / SETTINGS_FILE
-    if not path.is_file():
-        if (out / VAE_FILE).exists() or (out / INDEX).exists():
-            raise DataError(f"{out}: a dataset folder without {SETTINGS_FILE}; use a new folder")
-        path.write_text(json.dumps(settings, indent=2) + "\n")
+    if not ((out / VAE_FILE).exists() or (out / INDEX).exists()):
+        write_text_atomic(path, json.dumps(settings, indent=2) + "\n")
         return
-    stored = json.loads(path.read_text())
+    if not path.is_file():
+        raise DataError(f"{out}: a dataset folder without {SETTINGS_FILE}; use a new folder")
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:  # bad JSON or UTF-8
+        stored = None
+    if not isinstance(stored, dict):
+        raise DataError(f"{path}: unreadable (not a JSON object of settings); use a new folder")
     diff = [k for k in settings if stored.get(k) != settings[k]]
     if diff:
         k = diff[0]
@@ -75,6 +83,8 @@ def build_world_dataset(vae_path: str | Path, out: str | Path, *, clips: int, fr
     """Write (or complete) the dataset folder `out`; returns it. `frames` = 1 + 4k video frames per clip."""
     num_latent_frames(frames)  # validates 1 + 4k
     out, source = Path(out), Path(vae_path)
+    if source.is_dir():
+        raise DataError(f"{source} is a folder, not a VAE file (give the model.safetensors of a vae run)")
     if not source.is_file():
         raise DataError(f"{source}: no such VAE file")
     if out.exists() and not out.is_dir():
