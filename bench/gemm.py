@@ -19,8 +19,8 @@ L2 flushed between runs) as TFLOP/s = 2*M*N*K / time:
            (``impl="decoded"``: exact like nvfp4, unlike split), both decodes included; ``dec+q`` adds the quantize;
            ``dec+qd`` is what ``QuantLinear`` runs (``backend.nvfp4_linear``): the activation quantized straight to
            its fp16 decode in one pass, the weight decoded, the GEMM; ``gemm16`` the fp16 GEMM alone on decoded
-           operands (the ceiling of any decode-first path); ``tma`` columns run the persistent TMA variant of that
-           GEMM (``scaled_matmul(kernel="tma")``)
+           operands (the ceiling of any decode-first path). These run the GEMM's default on Hopper, the persistent
+           TMA kernel; ``dec ptr`` and ``gemm16 ptr`` its pointer-load kernel (``kernel="pointer"``)
 
 ``--tune`` also times every fused-GEMM config (and the plain-Triton decode) at each shape.
 Prints a table and writes JSON (``--out``; on the device machine use ``$OUT/gemm.json``).
@@ -99,7 +99,7 @@ def run_shape(m: int, n: int, k: int, tune: bool) -> Dict[str, object]:
     err["rs_fp32out"] = rel(nvfp4_matmul_rs(a, b, out_dtype=torch.float32), nv_ref)
     err["dec_fp32out"] = rel(nvfp4_matmul_decoded(a, b, out_dtype=torch.float32), nv_ref)
     err["linear_fp32out"] = rel(nvfp4_linear_decoded(x, b, out_dtype=torch.float32), nv_ref)
-    err["linear_tma_fp32out"] = rel(nvfp4_linear_decoded(x, b, out_dtype=torch.float32, kernel="tma"), nv_ref)
+    err["dec_ptr_fp32out"] = rel(nvfp4_matmul_decoded(a, b, out_dtype=torch.float32, kernel="pointer"), nv_ref)
     ad16, bd16 = kg.nvfp4_dequantize_triton(a, dtype=torch.float16), kg.nvfp4_dequantize_triton(b, dtype=torch.float16)
     err["nvfp4_vs_bf16_exact"] = rel(nv_ref, ref32)  # the format's own quantization error, for scale
     del nv_ref, ref32
@@ -132,8 +132,8 @@ def run_shape(m: int, n: int, k: int, tune: bool) -> Dict[str, object]:
         "dec+q": lambda: nvfp4_matmul_decoded(nvfp4_quantize_triton(x, check_finite=False), b),
         "dec+qd": lambda: nvfp4_linear_decoded(x, b),
         "gemm16": lambda: scaled_matmul(ad16, bd16, a.global_scale, b.global_scale),
-        "dec+qd tma": lambda: nvfp4_linear_decoded(x, b, kernel="tma"),
-        "gemm16 tma": lambda: scaled_matmul(ad16, bd16, a.global_scale, b.global_scale, kernel="tma"),
+        "dec ptr": lambda: nvfp4_matmul_decoded(a, b, kernel="pointer"),
+        "gemm16 ptr": lambda: scaled_matmul(ad16, bd16, a.global_scale, b.global_scale, kernel="pointer"),
         "quantize": lambda: nvfp4_quantize_triton(x, check_finite=False),
     }
     ms = {name: bench_ms(fn) for name, fn in fns.items()}
@@ -192,11 +192,11 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     cols = ["bf16", "fp8", "fp8+q", "fp8+qk", "fp8 fast", "nvfp4", "nvfp4+q", "split", "split+q", "rs", "rs+q",
-            "dec", "dec+q", "dec+qd", "gemm16", "dec+qd tma", "gemm16 tma"]
+            "dec", "dec+q", "dec+qd", "gemm16", "dec ptr", "gemm16 ptr"]
     print("\nTFLOP/s (median), " + meta["device"])
     print("| M x N x K | " + " | ".join(cols)
           + " | fp8/bf16 | fp8+qk/bf16 | nvfp4/bf16 | nvfp4+q/bf16 | rs/bf16 | rs+q/bf16 | dec/bf16 | dec+q/bf16"
-          + " | dec+qd/bf16 | gemm16/bf16 | dec+qd tma/bf16 | gemm16 tma/bf16 | quantize GB/s |")
+          + " | dec+qd/bf16 | gemm16/bf16 | dec ptr/bf16 | gemm16 ptr/bf16 | quantize GB/s |")
     print("|" + "---|" * (len(cols) + 14))
     for r in rows:
         t = r["tflops"]
@@ -205,7 +205,7 @@ def main() -> None:
               + f" | {t['nvfp4+q'] / t['bf16']:.2f} | {t['rs'] / t['bf16']:.2f} | {t['rs+q'] / t['bf16']:.2f}"
               + f" | {t['dec'] / t['bf16']:.2f} | {t['dec+q'] / t['bf16']:.2f}"
               + f" | {t['dec+qd'] / t['bf16']:.2f} | {t['gemm16'] / t['bf16']:.2f}"
-              + f" | {t['dec+qd tma'] / t['bf16']:.2f} | {t['gemm16 tma'] / t['bf16']:.2f}"
+              + f" | {t['dec ptr'] / t['bf16']:.2f} | {t['gemm16 ptr'] / t['bf16']:.2f}"
               + f" | {r['quantize_GBps']:.0f} |")
     print("\nrel. errors: " + "; ".join(
         f"{r['M']}x{r['N']}x{r['K']}: " + ", ".join(f"{k} {v:.1e}" for k, v in r["rel_err"].items())
