@@ -62,8 +62,9 @@ def run_shape(m: int, n: int, k: int, tune: bool) -> Dict[str, object]:
     from longstream.quant import nvfp4 as nv
     from longstream.quant.kernels import nvfp4_gemm as kg
     from longstream.quant.kernels.nvfp4_gemm_rs import nvfp4_matmul_rs
-    from longstream.quant.kernels.nvfp4_gemm_decoded import (_scaled_gemm_autotuned, nvfp4_linear_decoded,
-                                                             nvfp4_matmul_decoded, scaled_matmul)
+    from longstream.quant.kernels.nvfp4_gemm_decoded import (_scaled_gemm_autotuned, _scaled_gemm_tma_autotuned,
+                                                             nvfp4_linear_decoded, nvfp4_matmul_decoded,
+                                                             scaled_matmul)
     from longstream.quant.kernels.fp8_quant import fp8_quantize_rowwise_triton
     from longstream.quant.kernels.nvfp4_quant import nvfp4_quantize_triton
 
@@ -143,8 +144,10 @@ def run_shape(m: int, n: int, k: int, tune: bool) -> Dict[str, object]:
     row["quantize_GBps"] = (2 * m * k * 2 + m * k // 2 + m * k // 16) / (ms["quantize"] * 1e-3) / 1e9
     best = getattr(kg._nvfp4_gemm_autotuned, "best_config", None)
     row["autotuned_config"] = str(best) if best is not None else None
-    best = getattr(_scaled_gemm_autotuned, "best_config", None)
-    row["dec_autotuned_config"] = str(best) if best is not None else None
+    for key, tuned in (("dec_ptr_autotuned_config", _scaled_gemm_autotuned),
+                       ("dec_tma_autotuned_config", _scaled_gemm_tma_autotuned)):
+        best = getattr(tuned, "best_config", None)
+        row[key] = str(best) if best is not None else None
 
     if tune:
         sweep = {}

@@ -96,8 +96,8 @@ def nvfp4_matmul(
     """a [M, K] @ b[N, K]^T with both operands NVFP4 (W4A4), fp32 accumulation, result in `out_dtype`.
 
     impl (triton only; bench/RESULTS.md, H200): "decoded" (default) decodes both exactly to fp16 in memory, then
-    a Triton fp16 GEMM applies the global scales in its epilogue: exact emulation, 0.73-0.84x bf16 cuBLAS at the
-    5B model's shapes, 2*(M+N)*K bytes of scratch. "fused" decodes inside the Triton GEMM: exact, no scratch,
+    a Triton fp16 GEMM (persistent, TMA, on Hopper) applies the global scales in its epilogue: exact emulation,
+    0.91-1.01x bf16 cuBLAS at the 5B model's shapes, 2*(M+N)*K bytes of scratch. "fused" decodes inside the Triton GEMM: exact, no scratch,
     ~0.5x bf16. "split" decodes both to bf16, then cuBLAS: ~0.9x bf16, but one extra bf16 rounding (global
     scales folded into A).
     """
