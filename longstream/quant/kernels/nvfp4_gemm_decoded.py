@@ -10,10 +10,11 @@ kernel's (``nvfp4_gemm``), and unlike ``nvfp4_matmul_split``, which folds ``gA *
 values to bf16 (cuBLAS takes no device-side scale for a 16-bit GEMM, and a pass over an fp32 output would add
 ~20%, estimated).
 
-Why it is faster than the fused kernel (1.6x on an H200, bench/RESULTS.md): the main loop is the plain
-pipelined GEMM that Triton's software pipeliner handles best on Hopper (both tiles stream into shared memory with
-asynchronous copies while earlier wgmmas run); the fused kernel decodes in the loop, waits for every wgmma, and
-stops at ~0.5x bf16 cuBLAS. Cost: the two decode passes, ``2.5 * (M + N) * K`` bytes of traffic and
+Why it is faster than the fused kernel (1.8-2x on an H200, bench/RESULTS.md): the main loop is a plain pipelined
+GEMM (both tiles stream into shared memory while earlier wgmmas run); the fused kernel decodes in the loop, waits
+for every wgmma, and stops at ~0.5x bf16 cuBLAS. On sm_90 and later it is a persistent kernel fed by TMA
+(``_scaled_gemm_tma_kernel``, 1.05-1.13x bf16 cuBLAS as a plain fp16 GEMM); elsewhere ``_scaled_gemm_kernel``
+with pointer loads (0.81-0.92x). Cost: the two decode passes, ``2.5 * (M + N) * K`` bytes of traffic and
 ``2 * (M + N) * K`` bytes of scratch. ``nvfp4_linear_decoded`` (what ``QuantLinear`` runs) writes the activation's
 fp16 decode from the quantize pass itself, so its packed codes are never written or read.
 """
