@@ -176,6 +176,7 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--switches", type=_positive_int, default=12, help="two-shot videos (default 12)")
     p.add_argument("--steps", type=int, choices=(4, 2), help="sampling steps (default: the preset's)")
     p.add_argument("--checkpoint", metavar="FILE", help="transformer weights (default: the embedded model)")
+    p.add_argument("--vae", metavar="FILE", help="VAE file with its latent statistics (default: the embedded model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt set and noise (default 0)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -191,8 +192,10 @@ def _run_eval(args: argparse.Namespace) -> None:
         raise UsageError(f"--modes names no mode: {args.modes!r}")
     if args.json:
         output_file(args.json, ".json", "--json")
+    if args.vae and not os.path.isfile(args.vae):
+        raise UsageError(f"--vae {args.vae}: no such file")
     result = evaluate(eval_set(args.prompts, args.switches, args.seed), modes, checkpoint=args.checkpoint,
-                      steps=args.steps, seed=args.seed, device=args.device, progress=not args.quiet)
+                      vae=args.vae, steps=args.steps, seed=args.seed, device=args.device, progress=not args.quiet)
     print(format_table(result))
     if args.json:
         write_json(result, args.json)

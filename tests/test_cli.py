@@ -297,6 +297,7 @@ OTHER_BAD = {  # commands other than generate: the output is checked before any 
     "eval json to a folder": (lambda p: ["eval", "--json", str(p)], "is a folder"),
     "train a folder": (lambda p: ["train", str(p)], "is a folder; give its YAML config file"),
     "eval with no mode": (lambda p: ["eval", "--modes", " ,"], "names no mode"),
+    "eval with a missing vae": (lambda p: ["eval", "--vae", str(p / "nope.safetensors")], "no such file"),
     "merge into a missing folder": (lambda p: ["lora", "merge", "b", "l", str(p / "no" / "m.safetensors")],
                                     "does not exist"),
     "merge into a non-safetensors file": (lambda p: ["lora", "merge", "b", "l", str(p / "m.pt")],

@@ -228,6 +228,22 @@ def test_eval_scores_the_world_perfectly_and_states_chance(tmp_path):
     json.dumps(result)
 
 
+def test_eval_takes_a_vae_file(tmp_path):
+    """--vae replaces the preset's VAE: a file whose latent channels do not fit the transformer is loaded and
+    refused; a fitting one is scored and named in the settings."""
+    from longstream.eval.world_eval import eval_set, evaluate
+    from longstream.vae.checkpoints import save_vae
+
+    save_vae(build_vae("test-wan2.2", seed=1), tmp_path / "wide.safetensors")
+    with pytest.raises(LongstreamError, match="48 latent channels"):
+        evaluate(eval_set(1, 1), ["bf16"], preset_name="tiny", vae=str(tmp_path / "wide.safetensors"),
+                 shot_chunks=1, device="cpu", progress=False)
+    save_vae(build_vae("tiny", seed=7), tmp_path / "v.safetensors")
+    result = evaluate(eval_set(1, 1), ["bf16"], preset_name="tiny", vae=str(tmp_path / "v.safetensors"),
+                      shot_chunks=1, device="cpu", progress=False)
+    assert result["settings"]["vae"] == str(tmp_path / "v.safetensors") and "vae" in result["rows"]
+
+
 def test_eval_rejects_unknown_modes():
     from longstream.eval.world_eval import eval_set, evaluate
 

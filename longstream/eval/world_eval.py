@@ -127,9 +127,10 @@ def _video(models, stream, latent_hw, kv: str, shots: list[tuple[Scene, int]], s
 
 
 def evaluate(evals: EvalSet, modes: list[str], *, preset_name: str = "embedded", checkpoint: str | None = None,
-             steps: int | None = None, shot_chunks: int = 8, seed: int = 0, device: str = "auto",
-             progress: bool = True) -> dict:
-    """Score each mode (and the rendered world); returns {"rows": {name: scores}, "chance": ..., "settings": ...}."""
+             vae: str | None = None, steps: int | None = None, shot_chunks: int = 8, seed: int = 0,
+             device: str = "auto", progress: bool = True) -> dict:
+    """Score each mode (and the rendered world); returns {"rows": {name: scores}, "chance": ..., "settings": ...}.
+    `checkpoint` / `vae`: the transformer / VAE file (default: the preset's shipped or random weights)."""
     from tqdm import tqdm
 
     unknown = [m for m in modes if m not in MODES]
@@ -147,8 +148,8 @@ def evaluate(evals: EvalSet, modes: list[str], *, preset_name: str = "embedded",
     for mode in modes:
         linear, kv = MODES[mode]
         req = with_embedded_weights(GenerateRequest(output="", preset=preset_name, prompts=["eval"],
-                                                    checkpoint=checkpoint, steps=steps, linear=linear, kv_cache=kv,
-                                                    vae_dtype="fp32"))  # the scores' reference precision
+                                                    checkpoint=checkpoint, vae=vae, steps=steps, linear=linear,
+                                                    kv_cache=kv, vae_dtype="fp32"))  # the scores' reference precision
         models = load_models(req, preset, dev)
         if "vae" not in rows:
             rows["vae"] = _rendered_row(evals, preset.height, frames, chunk_video, seed,
@@ -165,7 +166,8 @@ def evaluate(evals: EvalSet, modes: list[str], *, preset_name: str = "embedded",
             bar.update(1)
         rows[mode] = scorer.row()
     bar.close()
-    settings = {"preset": preset_name, "checkpoint": checkpoint or "embedded", "steps": stream.steps,
+    settings = {"preset": preset_name, "checkpoint": checkpoint or "embedded", "vae": vae or "embedded",
+                "steps": stream.steps,
                 "prompts": len(evals.singles), "switches": len(evals.switches), "seconds_per_shot":
                 round((shot_chunks * chunk_video) / preset.fps, 2), "seed": seed}
     return {"rows": rows, "chance": chance(evals), "settings": settings}
