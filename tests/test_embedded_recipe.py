@@ -232,7 +232,6 @@ def test_eval_takes_a_vae_file(tmp_path):
     """--vae replaces the preset's VAE: a file whose latent channels do not fit the transformer is loaded and
     refused; a fitting one is scored and named in the settings."""
     from longstream.eval.world_eval import eval_set, evaluate
-    from longstream.vae.checkpoints import save_vae
 
     save_vae(build_vae("test-wan2.2", seed=1), tmp_path / "wide.safetensors")
     with pytest.raises(LongstreamError, match="48 latent channels"):
