@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the embedded model end to end and export it to longstream/assets/embedded/ (run from the repo root).
 # Every stage resumes from its latest checkpoint, so the script can be re-run after an interruption.
-#   STAGES="vae vae_long world base tf dmd lora export" (the default: all, in order) picks stages;
+#   STAGES="vae vae_long world base tf dmd lora vae_decoder export" (the default: all, in order) picks stages;
 #   QUICK=1 runs 2 steps of each stage on 16 clips (a smoke test of the recipe; use a fresh checkout or remove
 #     runs/embedded first) and exports to runs/embedded/export_quick;
 #   EXPORT=DIR writes the exported files to DIR instead of the package; QUIET=1 hides progress bars;
@@ -32,29 +32,42 @@ budget_args() {  # $1: this stage, then the stages after it; prints "--set max_s
   mine=$(config_seconds "$1")
   for s in "$@"; do
     later=$((later + 1))
-    case "$s" in vae|vae_long|base|tf|dmd|lora) total=$((total + $(config_seconds "$s"))) ;; esac
+    case "$s" in vae|vae_long|base|tf|dmd|lora|vae_decoder) total=$((total + $(config_seconds "$s"))) ;; esac
   done
   s=$(( (BUDGET - SECONDS - ${RESERVE:-25} * later) * mine / total ))
   (( s >= 1 )) || { echo "BUDGET $BUDGET s is spent before stage $1" >&2; exit 1; }
   echo "--set max_seconds=$s"
 }
 weights() { python -c "from longstream.train.trainer import run_weights as w; print(w('$1', ('$2',)))"; }
-read -ra stages <<< "${STAGES:-vae vae_long world base tf dmd lora export}"
+decoder_vae() {  # the VAE to ship: vae_decoder's when that stage has run, else the world stage's
+  if [[ -d "$runs/vae_decoder/checkpoints" ]]; then weights "$runs/vae_decoder" model.safetensors
+  else echo "$runs/world/vae.safetensors"; fi
+}
+stage_args() {  # settings a stage gets besides its config: the VAE stages' fast path on CUDA, vae_decoder's small
+  # QUICK clips (its full clips take minutes a step on a CPU)
+  if [[ "$1" == vae* ]] && python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    echo "--set vae_autocast=true --set channels_last=true"
+  fi
+  if [[ "$1" == vae_decoder && "${QUICK:-0}" == 1 ]]; then
+    echo "--set batch_size=2 --set clip_frames=17 --set stream_warmup=2"
+  fi
+}
+read -ra stages <<< "${STAGES:-vae vae_long world base tf dmd lora vae_decoder export}"
 for i in "${!stages[@]}"; do
   stage=${stages[$i]}
   echo "== $stage ($SECONDS s)"
   extra_var="ARGS_$stage"
   read -ra extra <<< "${!extra_var:-}"
   case "$stage" in
-    vae|vae_long|base|tf|dmd|lora)
+    vae|vae_long|base|tf|dmd|lora|vae_decoder)
       budget_set=$(budget_args "${stages[@]:$i}")  # a failure here stops the script (set -e)
       read -ra budget <<< "$budget_set"
-      "${cli[@]}" train "configs/embedded/$stage.yaml" "${quick[@]}" "${quiet[@]}" \
+      "${cli[@]}" train "configs/embedded/$stage.yaml" "${quick[@]}" "${quiet[@]}" $(stage_args "$stage") \
         ${extra[@]+"${extra[@]}"} ${budget[@]+"${budget[@]}"} ;;
     world) "${cli[@]}" world "$runs/world" --vae "${VAE:-$(weights "$runs/vae_long" model.safetensors)}" \
       --clips "$clips" --frames 65 "${quiet[@]}" ;;
     export) python -c "from longstream.assets import export_embedded as e; e('$(weights "$runs/dmd" ema.safetensors)', \
-'$(weights "$runs/lora" lora.safetensors)', '$runs/world/vae.safetensors', '${EXPORT:-longstream/assets/embedded}')" ;;
+'$(weights "$runs/lora" lora.safetensors)', '$(decoder_vae)', '${EXPORT:-longstream/assets/embedded}')" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done
