@@ -97,9 +97,9 @@ def nvfp4_matmul(
 
     impl (triton only; bench/RESULTS.md, H200): "decoded" (default) decodes both exactly to fp16 in memory, then
     a Triton fp16 GEMM (persistent, TMA, on Hopper) applies the global scales in its epilogue: exact emulation,
-    0.91-1.01x bf16 cuBLAS at the 5B model's shapes, 2*(M+N)*K bytes of scratch. "fused" decodes inside the Triton GEMM: exact, no scratch,
-    ~0.5x bf16. "split" decodes both to bf16, then cuBLAS: ~0.9x bf16, but one extra bf16 rounding (global
-    scales folded into A).
+    0.91-1.01x bf16 cuBLAS at the 5B model's shapes, 2*(M+N)*K bytes of scratch. "fused" decodes inside the
+    Triton GEMM: exact, no scratch, ~0.5x bf16. "split" decodes both to bf16, then cuBLAS: ~0.9x bf16, but one
+    extra bf16 rounding (global scales folded into A).
     """
     _check(backend)
     if impl not in NVFP4_MATMUL_IMPLS:
@@ -131,6 +131,8 @@ def nvfp4_linear(
     other impls add it after. On triton, "decoded" quantizes x straight to its fp16 decode in one pass
     (``nvfp4_linear_decoded``). GPU backends do not read back a NaN/Inf flag (that would sync the host)."""
     _check(backend)
+    if impl not in NVFP4_MATMUL_IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; choose one of {', '.join(NVFP4_MATMUL_IMPLS)}")
     if backend == "reference":
         out = nvfp4.quantize(x).dequantize(torch.float32) @ w.dequantize(torch.float32).T
         return (out if bias is None else out + bias.float()).to(out_dtype)
