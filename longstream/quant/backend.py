@@ -41,6 +41,11 @@ def _check(backend: str) -> None:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
+def _check_impl(impl: str) -> None:
+    if impl not in NVFP4_MATMUL_IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; choose one of {', '.join(NVFP4_MATMUL_IMPLS)}")
+
+
 def _check_triton_device(t: torch.Tensor, backend: str) -> None:
     from .kernels import interpreting, triton_available
 
@@ -102,8 +107,7 @@ def nvfp4_matmul(
     extra bf16 rounding (global scales folded into A).
     """
     _check(backend)
-    if impl not in NVFP4_MATMUL_IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; choose one of {', '.join(NVFP4_MATMUL_IMPLS)}")
+    _check_impl(impl)
     if backend == "reference":
         return (a.dequantize(torch.float32) @ b.dequantize(torch.float32).T).to(out_dtype)
     if backend == "native":
@@ -131,8 +135,7 @@ def nvfp4_linear(
     other impls add it after. On triton, "decoded" quantizes x straight to its fp16 decode in one pass
     (``nvfp4_linear_decoded``). GPU backends do not read back a NaN/Inf flag (that would sync the host)."""
     _check(backend)
-    if impl not in NVFP4_MATMUL_IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; choose one of {', '.join(NVFP4_MATMUL_IMPLS)}")
+    _check_impl(impl)
     if backend == "reference":
         out = nvfp4.quantize(x).dequantize(torch.float32) @ w.dequantize(torch.float32).T
         return (out if bias is None else out + bias.float()).to(out_dtype)
