@@ -67,6 +67,27 @@ def test_object_weight_weighs_the_object_pixels_of_the_reconstruction_error():
         assert float(vae_loss(vae, video, kl_weight=1e-3)) == pytest.approx(float(plain), rel=1e-5)
 
 
+def test_edge_weight_adds_the_spatial_gradient_error():
+    """edge_error against float64 finite differences written out by hand; vae_loss with edge_weight adds exactly
+    edge_weight times it, and a blurred copy of a frame has a larger edge error than a shifted-in-value one."""
+    from longstream.train.vae_objective import decode_unclamped, edge_error, vae_loss
+
+    g = torch.Generator().manual_seed(8)
+    a, b = torch.randn(2, 3, 4, 6, 7, generator=g), torch.randn(2, 3, 4, 6, 7, generator=g)
+    d = (a - b).double()
+    by_hand = ((d[..., 1:, :] - d[..., :-1, :]).abs().mean() + (d[..., :, 1:] - d[..., :, :-1]).abs().mean()) / 2
+    assert float(edge_error(a, b)) == pytest.approx(float(by_hand), rel=1e-6)
+    video = world_videos(3, 0, 0, 2, 5, 64)
+    blurred = torch.nn.functional.avg_pool3d(video, (1, 3, 3), stride=1, padding=(0, 1, 1), count_include_pad=False)
+    assert float(edge_error(blurred, video)) > 10 * float(edge_error(video + 0.1, video))  # flat offsets cost 0
+    vae = build_vae("test-wan2.1", seed=4)
+    with torch.no_grad():
+        recon = decode_unclamped(vae, vae.encode(video).latent_dist.mean)
+        plain = vae_loss(vae, video, kl_weight=1e-3, object_weight=9.0)
+        edged = vae_loss(vae, video, kl_weight=1e-3, object_weight=9.0, edge_weight=2.0)
+    assert float(edged - plain) == pytest.approx(2.0 * float(edge_error(recon, video)), rel=1e-4)
+
+
 def test_vae_objective_learns_and_its_checkpoint_is_a_vae_file(tmp_path):
     trainer = make_trainer(vae_config(tmp_path))
     assert isinstance(trainer, VAETrainer)

@@ -112,6 +112,7 @@ class TrainConfig:
     gemm: str = "bf16"
     kl_weight: float = 1e-6  # vae: weight of the KL term (clip_frames counts video frames, 1 + 4k)
     object_weight: float = 0.0  # vae: extra loss weight of the object's pixels (see vae_objective.vae_loss)
+    edge_weight: float = 0.0  # vae: weight of the spatial-gradient error (vae_objective.edge_error)
     crop: int = 0  # vae: train on random crop x crop windows of the rendered frames (0: whole frames)
     vae_width: int = 0  # vae, without init: the VAE's base channel count (0: the preset VAE's)
     stream_warmup: int = 0  # vae: up to this many leading latent frames run without gradient (draw_warm)
@@ -129,7 +130,7 @@ class TrainConfig:
                            ("save_every", int), ("log_every", int), ("seed", int), ("warmup_steps", int),
                            ("lr", (int, float)), ("weight_decay", (int, float)), ("shift", (int, float)),
                            ("ema", (int, float)), ("kl_weight", (int, float)), ("max_seconds", (int, float)),
-                           ("object_weight", (int, float)),
+                           ("object_weight", (int, float)), ("edge_weight", (int, float)),
                            ("max_grad_norm", (int, float)),
                            ("crop", int), ("vae_width", int), ("stream_warmup", int), ("sp", int)):
             value = getattr(self, name)
@@ -632,7 +633,7 @@ class VAETrainer(Trainer):
 
         warm = draw_warm(self.cfg.stream_warmup, generator)
         return vae_loss(self.model, video, kl_weight=self.cfg.kl_weight, object_weight=self.cfg.object_weight,
-                        warm=warm)
+                        edge_weight=self.cfg.edge_weight, warm=warm)
 
     def _save_model(self, model: torch.nn.Module, path: Path) -> None:
         from ..vae.checkpoints import save_vae

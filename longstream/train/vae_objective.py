@@ -19,6 +19,10 @@ its deep frames.)
 The object covers ~4% of a frame, so a plain mean lets the background dominate and the object decodes as a grey
 blob: `object_weight` w weighs each pixel of the object (further than `OBJECT_THRESHOLD` from its frame's median
 colour, summed over RGB) 1 + w times, and the reconstruction term becomes sum(weight * error) / sum(weight).
+
+L1 + MSE on pixels trains a decoder toward the blurred mean of what a latent could decode to: corners round off,
+a triangle turns into a teardrop (docs/embedded.md). `edge_weight` adds the mean absolute difference of the
+frames' spatial gradients (`edge_error`), which only a sharp edge in the right place drives to zero.
 """
 
 from __future__ import annotations
@@ -105,9 +109,17 @@ def object_mask(video: torch.Tensor) -> torch.Tensor:
     return (video - background).abs().sum(1, keepdim=True) > OBJECT_THRESHOLD
 
 
+def edge_error(recon: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference of the frames' spatial gradients (forward differences along H and W) of
+    [B, C, F, H, W] tensors: zero when the edges agree, whatever the flat regions do."""
+    d = recon - video
+    return (d.diff(dim=3).abs().mean() + d.diff(dim=4).abs().mean()) / 2
+
+
 def vae_loss(vae: AutoencoderKLWan, video: torch.Tensor, *, kl_weight: float, object_weight: float = 0.0,
-             warm: int = 0) -> torch.Tensor:
-    """Reconstruction (object-weighted with `object_weight`) + `kl_weight` * KL of latent frames `warm` on."""
+             edge_weight: float = 0.0, warm: int = 0) -> torch.Tensor:
+    """Reconstruction (object-weighted with `object_weight`) + `edge_weight` * `edge_error` + `kl_weight` * KL, of
+    latent frames `warm` on."""
     if not 0 <= warm < num_latent_frames(video.shape[2]):
         raise ValueError(f"warm {warm} leaves no latent frame of a {video.shape[2]}-frame clip to train")
     moments = encode_moments(vae, video, warm)
@@ -119,5 +131,9 @@ def vae_loss(vae: AutoencoderKLWan, video: torch.Tensor, *, kl_weight: float, ob
     error = (recon - video).abs() + (recon - video).pow(2)
     if object_weight:
         weight = 1.0 + object_weight * object_mask(video).to(error.dtype)
-        return (error * weight).sum() / (weight.sum() * video.shape[1]) + kl_weight * kl
-    return error.mean() + kl_weight * kl
+        loss = (error * weight).sum() / (weight.sum() * video.shape[1])
+    else:
+        loss = error.mean()
+    if edge_weight:
+        loss = loss + edge_weight * edge_error(recon, video)
+    return loss + kl_weight * kl
