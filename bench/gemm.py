@@ -10,7 +10,7 @@ L2 flushed between runs) as TFLOP/s = 2*M*N*K / time:
 * fp8      ``torch._scaled_mm`` rowwise (E4M3, fp32 accumulation), operands pre-quantized; ``fp8+q`` adds the
            per-token activation quantization (eager PyTorch ops), ``fp8+qk`` the fused Triton rowwise quantize;
            ``fp8 fast`` is ``use_fast_accum=True``
-* nvfp4    the fused Triton W4A4 GEMM (``backend.nvfp4_matmul(backend="triton")``), operands pre-quantized;
+* nvfp4    the fused Triton W4A4 GEMM (``impl="fused"``: decoded inside the GEMM), operands pre-quantized;
            ``nvfp4+q`` adds the fused activation quantize (amax + quantize kernels)
 * split    decode both NVFP4 operands to bf16, then cuBLAS (``impl="split"``); ``split+q`` adds the quantize
 * rs       the register-operand W4A4 GEMM (``quant/kernels/nvfp4_gemm_rs.py``: activations decoded to fp16 first,

@@ -2,6 +2,8 @@
 time-limited stages, and `longstream eval`'s scoring."""
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -443,3 +445,9 @@ def test_stream_warmup_must_leave_a_frame_to_train(tmp_path):
         vae_config(tmp_path, clip_frames=9, stream_warmup=3)
     with pytest.raises(LongstreamError, match="objective vae"):
         TrainConfig(objective="flow_matching", output=str(tmp_path), data="x", stream_warmup=1)
+
+
+def test_train_script_parses():
+    """configs/embedded/train.sh is only run on the GPU machine: at least its syntax is checked here."""
+    script = Path(__file__).resolve().parents[1] / "configs" / "embedded" / "train.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True).returncode == 0

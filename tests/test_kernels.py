@@ -308,6 +308,12 @@ def _interpreter_checks() -> Dict[str, Callable[[], object]]:
             ref = qb.nvfp4_linear(x.reshape(-1, k), w, bias, out_dtype=torch.float32, backend="reference")
             errs += [rel(tri, want.reshape(-1, n)), rel(ref, want.reshape(-1, n))]
             errs.append(rel(nvfp4_linear_decoded(x, w, out_dtype=torch.float32), want - bias.double()))
+        x, w = heavy((40, 96), 62)[:, ::2], nv.quantize(heavy((24, 48), 63))  # non-contiguous x, K = 48
+        bias = torch.randn(24, generator=_gen(64)).to(torch.bfloat16)  # the bias's own dtype, added in float32
+        want = nv.quantize(x).dequantize(torch.float64) @ w.dequantize(torch.float64).T + bias.double()
+        errs.append(rel(nvfp4_linear_decoded(x, w, bias, out_dtype=torch.float32), want))
+        empty = nvfp4_linear_decoded(torch.zeros(2, 0, 48), w, bias)
+        assert empty.shape == (2, 0, 24) and empty.dtype == torch.bfloat16
         assert max(errs) < 1e-5, errs
         return max(errs)
 
@@ -481,6 +487,28 @@ def test_fp8_rowwise_dispatch_cpu() -> None:
     except RuntimeError as e:  # CPU rowwise _scaled_mm needs torch >= 2.13
         pytest.skip(str(e)[:200])
     assert rel(out, ref) < 1e-5
+
+
+def test_decoded_gemm_kernel_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TMA by default on compute capability 9.x and 10.x only (consumer Blackwell lacks the shared memory), and
+    pointer loads for operands TMA cannot address; an explicit "tma" on those is an error, not a fallback."""
+    pytest.importorskip("triton")
+    from longstream.quant.kernels import nvfp4_gemm_decoded as d
+
+    cuda = torch.device("cuda")
+    for capability, want in (((9, 0), "tma"), ((10, 0), "tma"), ((12, 0), "pointer"), ((8, 9), "pointer")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert d.default_kernel(cuda) == want, capability
+    assert d.default_kernel(torch.device("cpu")) == "pointer"
+    aligned, b = torch.zeros(64, 96, dtype=torch.float16), torch.zeros(32, 96, dtype=torch.float16)
+    shifted = torch.zeros(64, 100, dtype=torch.float16)[:, 1:97]  # 2-byte offset, 200-byte rows
+    monkeypatch.setattr(d, "default_kernel", lambda device: "tma")
+    assert d.choose_kernel(None, aligned, b) == "tma" and d.choose_kernel(None, shifted, b) == "pointer"
+    assert d.choose_kernel("pointer", aligned, b) == "pointer"
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        d.scaled_matmul(shifted, b, torch.ones(()), torch.ones(()), kernel="tma")
+    with pytest.raises(ValueError, match="unknown kernel"):
+        d.choose_kernel("wgmma", aligned, b)
 
 
 # ------------------------------------------------------------------ GPU: the same at the 5B model's sizes

@@ -7,7 +7,8 @@
 #   EXPORT=DIR writes the exported files to DIR instead of the package; QUIET=1 hides progress bars;
 #   VAE=FILE makes the world stage encode with that VAE instead of vae_long's (e.g.
 #     configs/embedded/trained_vae.safetensors, the VAE of stages 1-2 from the 2026-12-02 run; then
-#     STAGES="world base tf dmd lora export");
+#     STAGES="world base tf dmd lora vae_decoder export"; a new world folder needs a new vae_decoder run too:
+#     remove runs/embedded/vae_decoder, which would otherwise resume against the old latent statistics);
 #   BUDGET=SECONDS ends the whole script within that time: each training stage gets max_seconds = what is left,
 #     less RESERVE=25 s per stage still to run (start-up and the last checkpoint took ~21 s a stage on an H200),
 #     times its config's max_seconds over the sum of those of the training stages still to run (this overrides
@@ -66,8 +67,12 @@ for i in "${!stages[@]}"; do
         ${extra[@]+"${extra[@]}"} ${budget[@]+"${budget[@]}"} ;;
     world) "${cli[@]}" world "$runs/world" --vae "${VAE:-$(weights "$runs/vae_long" model.safetensors)}" \
       --clips "$clips" --frames 65 "${quiet[@]}" ;;
-    export) python -c "from longstream.assets import export_embedded as e; e('$(weights "$runs/dmd" ema.safetensors)', \
-'$(weights "$runs/lora" lora.safetensors)', '$(decoder_vae)', '${EXPORT:-longstream/assets/embedded}')" ;;
+    export)  # every input is resolved first: a missing one stops the script before anything is written
+      transformer=$(weights "$runs/dmd" ema.safetensors)
+      lora=$(weights "$runs/lora" lora.safetensors)
+      vae=$(decoder_vae)
+      python -c "from longstream.assets import export_embedded as e; \
+e('$transformer', '$lora', '$vae', '${EXPORT:-longstream/assets/embedded}')" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done

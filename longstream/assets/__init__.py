@@ -32,9 +32,13 @@ def embedded_file(name: str) -> Path:
 
 
 def export_embedded(transformer: str | Path, lora: str | Path, vae: str | Path, out: str | Path = EMBEDDED) -> None:
-    """Write the shipped files from a training run's checkpoints (the transformer cast to bf16)."""
+    """Write the shipped files from a training run's checkpoints (the transformer cast to bf16); all three inputs
+    are checked first, so a missing one writes nothing."""
     from ..model.checkpoints import load_transformer, save_transformer
 
+    missing = [str(f) for f in (transformer, lora, vae) if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"export_embedded: no such file: {', '.join(missing)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_transformer(load_transformer(transformer, dtype=torch.bfloat16), out / TRANSFORMER)

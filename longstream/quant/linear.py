@@ -12,8 +12,9 @@ Modes and what a `QuantLinear` holds (``N`` = out_features, ``K`` = in_features)
   per call (round to nearest even, its own global scale) by ``backend.nvfp4_linear``, which also multiplies.
   Needs K a multiple of 16.
 
-In the quantized modes the high-precision weight is dropped. The bias is added to the GEMM's result (in float32
-before its rounding for nvfp4, ``backend.nvfp4_linear``); the output has the input's dtype; leading dims are
+In the quantized modes the high-precision weight is dropped. The bias is added to the GEMM's result (for nvfp4 on
+the reference and Triton backends in float32, before the result's rounding: ``backend.nvfp4_linear``; else in the
+input's dtype); the output has the input's dtype; leading dims are
 flattened for the GEMM and restored. The backend is ``backend.default_backend(x.device)`` unless one is given.
 Quantization metadata keeps its dtype through ``model.to(dtype)`` (only devices change), so a quantized model can
 be cast to bf16 safely.
@@ -209,10 +210,11 @@ class QuantLinear(nn.Module):
             raise ValueError(f"QuantLinear expects last dim {self.in_features}, got input {tuple(x.shape)}")
         x2 = x.reshape(-1, k)
         be = self.backend or qb.default_backend(x.device)
-        bias = None if self.bias is None else self.bias.detach().to(x.dtype)
+        bias = None if self.bias is None else self.bias.detach()
         if self.mode == "fp8":
             xq, xs = qb.fp8_quantize_rowwise(x2, backend=be)
-            out = qb.fp8_matmul_rowwise(xq, xs, self.qdata, self.scale, bias, out_dtype=x.dtype, backend=be)
+            out = qb.fp8_matmul_rowwise(xq, xs, self.qdata, self.scale, None if bias is None else bias.to(x.dtype),
+                                        out_dtype=x.dtype, backend=be)
         else:
             out = qb.nvfp4_linear(x2, self.weight_nvfp4(), bias, out_dtype=x.dtype, backend=be)
         return out.reshape(*lead, self.out_features)

@@ -10,11 +10,11 @@ kernel's (``nvfp4_gemm``), and unlike ``nvfp4_matmul_split``, which folds ``gA *
 values to bf16 (cuBLAS takes no device-side scale for a 16-bit GEMM, and a pass over an fp32 output would add
 ~20%, estimated).
 
-Why it is faster than the fused kernel (1.8-2x on an H200, bench/RESULTS.md): the main loop is a plain pipelined
+Why it is faster than the fused kernel (1.8-2.1x on an H200, bench/RESULTS.md): the main loop is a plain pipelined
 GEMM (both tiles stream into shared memory while earlier wgmmas run); the fused kernel decodes in the loop, waits
 for every wgmma, and stops at ~0.5x bf16 cuBLAS. On sm_90 and later it is a persistent kernel fed by TMA
-(``_scaled_gemm_tma_kernel``, 1.05-1.13x bf16 cuBLAS as a plain fp16 GEMM); elsewhere ``_scaled_gemm_kernel``
-with pointer loads (0.81-0.92x). Cost: the two decode passes, ``2.5 * (M + N) * K`` bytes of traffic and
+(``_scaled_gemm_tma_kernel``, 1.05-1.13x bf16 cuBLAS as a plain fp16 GEMM on an H200); elsewhere
+``_scaled_gemm_kernel`` with pointer loads (0.81-0.93x on the same H200). Cost: the two decode passes, ``2.5 * (M + N) * K`` bytes of traffic and
 ``2 * (M + N) * K`` bytes of scratch. ``nvfp4_linear_decoded`` (what ``QuantLinear`` runs) writes the activation's
 fp16 decode from the quantize pass itself, so its packed codes are never written or read.
 """
@@ -33,7 +33,7 @@ from .nvfp4_gemm import _grouped_tile, check_operands, nvfp4_dequantize_triton
 from .nvfp4_quant import nvfp4_quantize_decoded_triton
 
 # Autotune candidates (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): large tiles with deep pipelines, the
-# shapes Triton's Hopper GEMMs favour (bench/gemm.py, column "dec", records the one autotuning picks).
+# shapes Triton's Hopper GEMMs favour (bench/gemm.py, column "dec ptr", records the one autotuning picks).
 _CONFIGS = [
     (128, 256, 64, 3, 8),
     (128, 256, 64, 4, 8),
@@ -146,10 +146,26 @@ SCALED_GEMM_KERNELS = ("pointer", "tma")
 
 
 def default_kernel(device: torch.device) -> str:
-    """"tma" on CUDA GPUs of compute capability 9.0 and later (they have the TMA unit), else "pointer"."""
+    """"tma" on Hopper and datacenter Blackwell (compute capability 9.x, 10.x: a TMA unit and the ~228 KB of
+    shared memory a block of its configs needs), else "pointer" (consumer Blackwell has ~99 KB)."""
     if device.type != "cuda" or interpreting():
         return "pointer"
-    return "tma" if torch.cuda.get_device_capability(device)[0] >= 9 else "pointer"
+    return "tma" if torch.cuda.get_device_capability(device)[0] in (9, 10) else "pointer"
+
+
+def _tma_ready(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """TMA descriptors need 16-byte aligned bases and row strides."""
+    return not any(t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 for t in (a, b))
+
+
+def choose_kernel(kernel: Optional[str], a: torch.Tensor, b: torch.Tensor) -> str:
+    """`kernel` checked, or the default for these operands: `default_kernel`, with pointer loads where TMA cannot
+    address them."""
+    if kernel is None:
+        return "tma" if default_kernel(a.device) == "tma" and _tma_ready(a, b) else "pointer"
+    if kernel not in SCALED_GEMM_KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(SCALED_GEMM_KERNELS)}")
+    return kernel
 
 
 def _program_slots(device: torch.device) -> int:
@@ -162,7 +178,7 @@ def _launch_tma(a: torch.Tensor, b: torch.Tensor, scalars: tuple, c: torch.Tenso
     """``_scaled_gemm_tma_kernel`` on a [M, K], b [N, K] into c; scalars: (ga, gb, bias or a placeholder)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    if any(t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16 for t in (a, b)):
+    if not _tma_ready(a, b):
         raise ValueError("the TMA kernel needs 16-byte aligned operands with row strides of a multiple of 16 bytes")
     m, n = a.shape[0], b.shape[0]
     slots = _program_slots(a.device)
@@ -187,11 +203,9 @@ def scaled_matmul(a: torch.Tensor, b: torch.Tensor, ga: torch.Tensor, gb: torch.
     along K), fp32 accumulation, float32 scalar tensors ``ga``, ``gb``, the bias added in float32 before the one
     rounding. ``config``: fixed kernel parameters (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
     instead of autotuning; the interpreter's default is small. ``kernel``: "tma" (persistent, operands by TMA;
-    the default on sm_90 and later, 1.05-1.13x bf16 cuBLAS on an H200) or "pointer" (the default elsewhere and in
-    the interpreter; 0.81-0.92x)."""
-    kernel = kernel or default_kernel(a.device)
-    if kernel not in SCALED_GEMM_KERNELS:
-        raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(SCALED_GEMM_KERNELS)}")
+    the default on sm_90 and sm_100 for aligned operands; 1.05-1.13x bf16 cuBLAS on an H200) or "pointer" (the
+    default elsewhere and in the interpreter; 0.81-0.93x bf16 on the same H200)."""
+    kernel = choose_kernel(kernel, a, b)
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"scaled_matmul needs a [M, K] and b [N, K], got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.dtype != torch.float16 or b.dtype != torch.float16:

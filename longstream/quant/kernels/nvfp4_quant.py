@@ -200,16 +200,18 @@ def nvfp4_quantize_decoded_triton(x: torch.Tensor, *, dtype: torch.dtype = torch
     1.0)``), bit-exact, written by the quantize pass itself instead of packed codes. Asynchronous: NaN/Inf input
     gives unspecified values (no flag is read). The activation side of ``impl="decoded"``.
     """
+    if not x.is_floating_point():
+        raise ValueError(f"quantize needs a floating-point tensor, got {x.dtype}")
     if x.ndim < 1 or x.shape[-1] % BLOCK:
         raise ValueError(f"last dim must be a multiple of {BLOCK}, got shape {tuple(x.shape)}")
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k).contiguous()
-    m = x2.shape[0]
     decoded = torch.empty(x.shape, dtype=dtype, device=x.device)
-    flag = torch.zeros(2, dtype=torch.int32, device=x.device)  # [amax bits, non-finite flag]
     g = torch.zeros((), dtype=torch.float32, device=x.device)
     if x.numel() == 0:
         return decoded, g
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    flag = torch.zeros(2, dtype=torch.int32, device=x.device)  # [amax bits, non-finite flag]
     n = x2.numel()
     _amax_kernel[(triton.cdiv(n, _AMAX_BLOCK * _AMAX_STEPS),)](x2, flag, n, BLOCK=_AMAX_BLOCK, STEPS=_AMAX_STEPS,
                                                                num_warps=8)
