@@ -143,6 +143,29 @@ def test_dmd_lora_run_resumes_exactly_and_its_adapter_loads(tmp_path):
     assert out.is_file()
 
 
+def test_dmd_trains_the_generator_through_nvfp4_gemms(tmp_path):
+    """`objective: dmd` with `gemm: nvfp4` (quantization-aware distillation, the remedy docs/embedded.md names for
+    W4A4's colour loss): the generator's block linears become NVFP4 training linears, the conditioning and output
+    projections stay, the weights move, and the checkpoint is a plain transformer file."""
+    from longstream.config import get_preset
+    from longstream.model.checkpoints import load_transformer, save_transformer
+    from longstream.model.transformer import CausalWanTransformer
+    from longstream.quant import training_summary
+
+    torch.manual_seed(5)
+    save_transformer(CausalWanTransformer(get_preset("tiny").transformer), tmp_path / "gen.safetensors")
+    save_transformer(CausalWanTransformer(get_preset("tiny").transformer), tmp_path / "teacher.safetensors")
+    trainer = Trainer(config(tmp_path, objective="dmd", output=str(tmp_path / "q"), steps=2, save_every=2,
+                             init=str(tmp_path / "gen.safetensors"), teacher=str(tmp_path / "teacher.safetensors"),
+                             lr=1e-3, dmd={"steps": 2, "critic_lr": 1e-3}, gemm="nvfp4"))
+    summary = training_summary(trainer.model)
+    assert "proj_out" in summary["bf16"] and "blocks.0.attn2.to_k" in summary["nvfp4"]
+    trainer.run(progress=False)
+    saved = load_transformer(tmp_path / "q" / "checkpoints" / "step_00000002" / "model.safetensors").state_dict()
+    start = load_transformer(tmp_path / "gen.safetensors").state_dict()
+    assert not torch.equal(saved["blocks.0.attn2.to_k.weight"], start["blocks.0.attn2.to_k.weight"])
+
+
 def test_dmd_config_errors(tmp_path):
     from longstream.errors import LongstreamError
 
