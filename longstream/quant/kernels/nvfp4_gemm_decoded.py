@@ -12,10 +12,10 @@ values to bf16 (cuBLAS takes no device-side scale for a 16-bit GEMM, and a pass 
 
 Why it is faster than the fused kernel (1.8-2.1x on an H200, bench/RESULTS.md): the main loop is a plain pipelined
 GEMM (both tiles stream into shared memory while earlier wgmmas run); the fused kernel decodes in the loop, waits
-for every wgmma, and stops at ~0.5x bf16 cuBLAS. On sm_90 and later it is a persistent kernel fed by TMA
+for every wgmma, and stops at ~0.5x bf16 cuBLAS. On sm_90 and sm_100 it is a persistent kernel fed by TMA
 (``_scaled_gemm_tma_kernel``, 1.05-1.13x bf16 cuBLAS as a plain fp16 GEMM on an H200); elsewhere
-``_scaled_gemm_kernel`` with pointer loads (0.81-0.93x on the same H200). Cost: the two decode passes, ``2.5 * (M + N) * K`` bytes of traffic and
-``2 * (M + N) * K`` bytes of scratch. ``nvfp4_linear_decoded`` (what ``QuantLinear`` runs) writes the activation's
+``_scaled_gemm_kernel`` with pointer loads (0.81-0.93x on the same H200). Cost: the two decode passes,
+``2.5 * (M + N) * K`` bytes of traffic and ``2 * (M + N) * K`` bytes of scratch. ``nvfp4_linear_decoded`` (what ``QuantLinear`` runs) writes the activation's
 fp16 decode from the quantize pass itself, so its packed codes are never written or read.
 """
 
