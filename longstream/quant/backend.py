@@ -132,8 +132,9 @@ def nvfp4_linear(
 ) -> torch.Tensor:
     """W4A4 linear: x [M, K] quantized to NVFP4 (1x16 blocks, RNE, its own global scale), times w [N, K]^T, plus
     bias [N]. The reference and triton's impl "decoded" add the bias in float32 before the one rounding to
-    `out_dtype`; the other impls and native add it after, in `out_dtype`. On triton, "decoded" quantizes x straight to its fp16 decode in one pass
-    (``nvfp4_linear_decoded``). GPU backends do not read back a NaN/Inf flag (that would sync the host)."""
+    `out_dtype`; the other impls and native add it after, in `out_dtype`. On triton, "decoded" quantizes x
+    straight to its fp16 decode in one pass (``nvfp4_linear_decoded``). GPU backends do not read back a NaN/Inf
+    flag (that would sync the host)."""
     _check(backend)
     _check_impl(impl)
     if backend == "reference":

@@ -15,8 +15,9 @@ GEMM (both tiles stream into shared memory while earlier wgmmas run); the fused 
 for every wgmma, and stops at ~0.5x bf16 cuBLAS. On sm_90 and sm_100 it is a persistent kernel fed by TMA
 (``_scaled_gemm_tma_kernel``, 1.05-1.13x bf16 cuBLAS as a plain fp16 GEMM on an H200); elsewhere
 ``_scaled_gemm_kernel`` with pointer loads (0.81-0.93x on the same H200). Cost: the two decode passes,
-``2.5 * (M + N) * K`` bytes of traffic and ``2 * (M + N) * K`` bytes of scratch. ``nvfp4_linear_decoded`` (what ``QuantLinear`` runs) writes the activation's
-fp16 decode from the quantize pass itself, so its packed codes are never written or read.
+``2.5 * (M + N) * K`` bytes of traffic and ``2 * (M + N) * K`` bytes of scratch. ``nvfp4_linear_decoded`` (what
+``QuantLinear`` runs) writes the activation's fp16 decode from the quantize pass itself, so its packed codes are
+never written or read.
 """
 
 from __future__ import annotations
