@@ -123,7 +123,9 @@ _scaled_gemm_autotuned = triton.autotune(
 
 
 def _tma_block_shapes(nargs: dict) -> None:
-    """Autotune pre-hook: the descriptors' tile shapes follow the config being launched."""
+    """Autotune pre-hook: the descriptors' tile shapes follow the config being launched. The descriptors are made
+    per call, so only Triton's autotuner state is shared between threads (a race would mismatch a tile shape and
+    fail the launch, not compute a wrong product)."""
     nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
     nargs["b_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
