@@ -14,10 +14,9 @@ Modes and what a `QuantLinear` holds (``N`` = out_features, ``K`` = in_features)
 
 In the quantized modes the high-precision weight is dropped. The bias is added to the GEMM's result (for nvfp4 on
 the reference and Triton backends in float32, before the result's rounding: ``backend.nvfp4_linear``; else in the
-input's dtype); the output has the input's dtype; leading dims are
-flattened for the GEMM and restored. The backend is ``backend.default_backend(x.device)`` unless one is given.
-Quantization metadata keeps its dtype through ``model.to(dtype)`` (only devices change), so a quantized model can
-be cast to bf16 safely.
+input's dtype); the output has the input's dtype; leading dims are flattened for the GEMM and restored. The
+backend is ``backend.default_backend(x.device)`` unless one is given. Quantization metadata keeps its dtype
+through ``model.to(dtype)`` (only devices change), so a quantized model can be cast to bf16 safely.
 
 These are inference layers. If autograd needs a gradient through one (a frozen quantized backbone under a
 trainable LoRA, say), the input gets a straight-through gradient ``dX = dY @ dequantize(W)`` in float32; for

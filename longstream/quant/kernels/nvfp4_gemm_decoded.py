@@ -115,11 +115,16 @@ def _scaled_gemm_tma_kernel(
         _epilogue(acc, g, bias_ptr, c_ptr, pid_m, pid_n, M, N, stride_cm, BLOCK_M, BLOCK_N, HAS_BIAS)
 
 
-_scaled_gemm_autotuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=st, num_warps=nw)
-             for bm, bn, bk, st, nw in _CONFIGS],
-    key=["M", "N", "K"],
-)(_scaled_gemm_kernel)
+def _autotuned(kernel, configs: list[tuple], pre_hook=None):
+    """`kernel` autotuned over (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) candidates, per (M, N, K)."""
+    return triton.autotune(
+        configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=st,
+                               num_warps=nw, pre_hook=pre_hook) for bm, bn, bk, st, nw in configs],
+        key=["M", "N", "K"],
+    )(kernel)
+
+
+_scaled_gemm_autotuned = _autotuned(_scaled_gemm_kernel, _CONFIGS)
 
 
 def _tma_block_shapes(nargs: dict) -> None:
@@ -139,12 +144,7 @@ _TMA_CONFIGS = [
     (128, 128, 64, 5, 8),
     (128, 128, 128, 3, 8),
 ]
-_scaled_gemm_tma_autotuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=st, num_warps=nw,
-                           pre_hook=_tma_block_shapes)
-             for bm, bn, bk, st, nw in _TMA_CONFIGS],
-    key=["M", "N", "K"],
-)(_scaled_gemm_tma_kernel)
+_scaled_gemm_tma_autotuned = _autotuned(_scaled_gemm_tma_kernel, _TMA_CONFIGS, _tma_block_shapes)
 SCALED_GEMM_KERNELS = ("pointer", "tma")
 
 

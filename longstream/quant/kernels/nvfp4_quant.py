@@ -126,6 +126,20 @@ def _quantize_kernel(
                  tl.where(nonzero[:, None], s_byte, 0), mask=rmask[:, None] & (scols < nblk)[None, :])
 
 
+def _check_input(x: torch.Tensor) -> None:
+    if not x.is_floating_point():
+        raise ValueError(f"quantize needs a floating-point tensor, got {x.dtype}")
+    if x.ndim < 1 or x.shape[-1] % BLOCK:
+        raise ValueError(f"last dim must be a multiple of {BLOCK}, got shape {tuple(x.shape)}")
+
+
+def _launch_amax(x: torch.Tensor, flag: torch.Tensor) -> None:
+    """flag[0] = max |x| as float32 bits, flag[1] = 1 if x holds NaN/Inf (x contiguous; flag zeroed)."""
+    n = x.numel()
+    _amax_kernel[(triton.cdiv(n, _AMAX_BLOCK * _AMAX_STEPS),)](x, flag, n, BLOCK=_AMAX_BLOCK, STEPS=_AMAX_STEPS,
+                                                               num_warps=8)
+
+
 def nvfp4_quantize_triton(
     x: torch.Tensor,
     *,
@@ -142,10 +156,7 @@ def nvfp4_quantize_triton(
         check_finite: read the device-side NaN/Inf flag (one host sync) and raise ``ValueError`` like the twin;
             also validates a given ``global_scale``. ``False`` keeps the call asynchronous.
     """
-    if not x.is_floating_point():
-        raise ValueError(f"quantize needs a floating-point tensor, got {x.dtype}")
-    if x.ndim < 1 or x.shape[-1] % BLOCK:
-        raise ValueError(f"last dim must be a multiple of {BLOCK}, got shape {tuple(x.shape)}")
+    _check_input(x)
     *lead, k = x.shape
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -162,10 +173,7 @@ def nvfp4_quantize_triton(
 
     grid = (triton.cdiv(m, _Q_BLOCK_M), triton.cdiv(k, _Q_BLOCK_K))
     if global_scale is None:
-        xf = x2 if x2.is_contiguous() else x2.contiguous()
-        n = xf.numel()
-        _amax_kernel[(triton.cdiv(n, _AMAX_BLOCK * _AMAX_STEPS),)](
-            xf, flag, n, BLOCK=_AMAX_BLOCK, STEPS=_AMAX_STEPS, num_warps=8)
+        _launch_amax(x2 if x2.is_contiguous() else x2.contiguous(), flag)
         if check_finite and int(flag[1].item()):
             raise ValueError("NVFP4 quantize: input contains NaN or Inf")
         g = torch.empty((), dtype=torch.float32, device=dev)
@@ -200,10 +208,7 @@ def nvfp4_quantize_decoded_triton(x: torch.Tensor, *, dtype: torch.dtype = torch
     1.0)``), bit-exact, written by the quantize pass itself instead of packed codes. Asynchronous: NaN/Inf input
     gives unspecified values (no flag is read). The activation side of ``impl="decoded"``.
     """
-    if not x.is_floating_point():
-        raise ValueError(f"quantize needs a floating-point tensor, got {x.dtype}")
-    if x.ndim < 1 or x.shape[-1] % BLOCK:
-        raise ValueError(f"last dim must be a multiple of {BLOCK}, got shape {tuple(x.shape)}")
+    _check_input(x)
     decoded = torch.empty(x.shape, dtype=dtype, device=x.device)
     g = torch.zeros((), dtype=torch.float32, device=x.device)
     if x.numel() == 0:
@@ -212,9 +217,7 @@ def nvfp4_quantize_decoded_triton(x: torch.Tensor, *, dtype: torch.dtype = torch
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     flag = torch.zeros(2, dtype=torch.int32, device=x.device)  # [amax bits, non-finite flag]
-    n = x2.numel()
-    _amax_kernel[(triton.cdiv(n, _AMAX_BLOCK * _AMAX_STEPS),)](x2, flag, n, BLOCK=_AMAX_BLOCK, STEPS=_AMAX_STEPS,
-                                                               num_warps=8)
+    _launch_amax(x2, flag)
     grid = (triton.cdiv(m, _Q_BLOCK_M), triton.cdiv(k, _Q_BLOCK_K))
     _quantize_kernel[grid](x2, decoded, decoded, flag, g, flag[1:], decoded, m, k, x2.stride(0),
                            G_IS_AMAX=True, G_PER_ROW=False, BLOCK_M=_Q_BLOCK_M, BLOCK_K=_Q_BLOCK_K,
