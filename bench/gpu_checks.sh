@@ -15,7 +15,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 rc=0
-steps=" ${STEPS:-gpu_tests kv_attention gemm vae_decode e2e_kv} "  # STEPS="gemm e2e_kv" runs only those
+steps=" ${STEPS:-gpu_tests kv_attention gemm fp8_conv vae_decode e2e_kv} "  # STEPS="gemm e2e_kv" runs only those
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAME.log, remember a failure
   local name=$1 limit=$2 start=$SECONDS
   shift 2
@@ -27,7 +27,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
 step gpu_tests 240 python3 -m pytest -q -m gpu tests/
 step kv_attention 90 python3 bench/kv_attention.py --out "$out/kv_attention.json"
 step gemm 120 python3 bench/gemm.py --shapes 14080x14336x3072,7040x3072x3072 --out "$out/gemm.json"
-step vae_decode 120 python3 bench/vae_decode.py --layers fused-cl-subbias,fused-cl --cudnn-benchmark off \
+step fp8_conv 150 python3 bench/fp8_conv.py --out "$out/fp8_conv.json"
+step vae_decode 120 python3 bench/vae_decode.py --layers fused-cl,fused-cl-fp8 --cudnn-benchmark off \
   --json "$out/vae_decode.json"
 step e2e_kv 240 python3 -m longstream.cli bench e2e --steps 4,2 --linear fp8 --kv-cache dense,fp8 --no-vae --quiet \
   --json "$out/e2e_kv.json"

@@ -7,7 +7,7 @@ timed ones. Variants are the cross product of
     compiled: `longstream.fused`), `fused-cl` (the same with `accelerate(channels_last=True)`), `fused-cl-3x3`
     (fused-cl with the upsamplers' 3x3 conv on the upsampled image, not `SubPixelUpConv`), `fused-cl-nofold`
     (fused-cl with cuDNN adding the residual blocks' conv biases, not `FastResidualBlock`'s folded ones),
-    `fused-cl-subbias` (fused-cl with cuDNN adding the sub-pixel upsamplers' bias, not `interleave_phases`);
+    `fused-cl-fp8` (fused-cl with the residual blocks' 3x3x3 convolutions in FP8: `accelerate(fp8=True)`, Hopper);
   --frames-per-call: latent frames per decoder call (`StreamingDecoder`);
   --cudnn-benchmark: off / on (cuDNN picks the fastest algorithm per shape on first use).
 Reports seconds per chunk, video FPS, TFLOP/s (convolution FLOPs of diffusers' layers, counted once with torch's
@@ -16,7 +16,7 @@ the output's max difference from the first variant, and for the last variant the
 ops (by input shape) whose own GPU time is largest. Each variant
 builds the VAE afresh from the same seed.
 
-    python bench/vae_decode.py [--layers plain,fast,fused,fused-cl,fused-cl-3x3,fused-cl-nofold,fused-cl-subbias]
+    python bench/vae_decode.py [--layers plain,fast,fused,fused-cl,fused-cl-3x3,fused-cl-nofold,fused-cl-fp8]
         [--frames-per-call 4] [--cudnn-benchmark off,on]
         [--chunks 3] [--base-dim N] [--json out.json]
 """
@@ -39,9 +39,9 @@ from longstream.errors import UsageError
 from longstream.vae import StreamingDecoder, build_vae
 from longstream.fused import fusion
 from longstream.paths import output_file
-from longstream.vae.fast import FastResidualBlock, SubPixelUpConv, accelerate
+from longstream.vae.fast import FastResidualBlock, accelerate
 
-LAYERS = ("plain", "fast", "fused", "fused-cl", "fused-cl-3x3", "fused-cl-nofold", "fused-cl-subbias")
+LAYERS = ("plain", "fast", "fused", "fused-cl", "fused-cl-3x3", "fused-cl-nofold", "fused-cl-fp8")
 
 
 def sync() -> None:
@@ -55,11 +55,10 @@ def build(kind: str, layers: str, dtype: torch.dtype, device: torch.device, base
     vae = build_vae(kind, dtype=dtype, device=device, seed=0, **width)
     if layers == "plain" or device == "meta":
         return vae
-    accelerate(vae, channels_last=layers.startswith("fused-cl"), sub_pixel=layers != "fused-cl-3x3")
+    accelerate(vae, channels_last=layers.startswith("fused-cl"), sub_pixel=layers != "fused-cl-3x3",
+               fp8=layers == "fused-cl-fp8")
     for block in vae.modules():
         if layers == "fused-cl-nofold" and isinstance(block, FastResidualBlock):
-            block.fold_bias = False
-        if layers == "fused-cl-subbias" and isinstance(block, SubPixelUpConv):
             block.fold_bias = False
     return vae
 

@@ -90,7 +90,7 @@ def main() -> None:
     p.add_argument("--linear", default="fp8", help="comma list of bf16, fp8, nvfp4 (default fp8)")
     p.add_argument("--kv-cache", default="dense", choices=("dense", "fp8", "nvfp4"))
     p.add_argument("--attention", default="bf16", choices=("bf16", "fp8"), help="fp8 needs --kv-cache fp8")
-    p.add_argument("--vae-dtype", choices=("bf16", "fp32"), help="default: generate's (bf16 on CUDA)")
+    p.add_argument("--vae-dtype", choices=("bf16", "fp8", "fp32"), help="default: generate's (bf16 on CUDA)")
     p.add_argument("--async-decode", choices=("on", "off"), help="default: generate's (on for CUDA)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="write the results here (rewritten after every row)")

@@ -43,9 +43,9 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-cache", metavar="DIR", help="cache umT5 prompt embeddings in this folder")
     p.add_argument("--vae", metavar="PATH", help="VAE: a diffusers vae/ or pipeline folder, or a longstream VAE "
                    "file; default: the pipeline folder's, the shipped one (embedded preset) or random weights")
-    p.add_argument("--vae-dtype", choices=("bf16", "fp32"),
+    p.add_argument("--vae-dtype", choices=("bf16", "fp8", "fp32"),
                    help="VAE decode precision (default: bf16 on CUDA, with channels-last convolutions; fp32 "
-                   "elsewhere)")
+                   "elsewhere); fp8: bf16 with the residual blocks' convolutions in FP8 (Hopper GPUs)")
     p.add_argument("--steps", type=int, choices=(4, 2), help="sampling steps (default: the preset's)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--height", type=int, help="video height (default: the preset's)")

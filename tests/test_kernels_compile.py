@@ -13,7 +13,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from longstream.quant.kernels import (  # noqa: E402
-    fp8_attention, fp8_quant, kv_attention, kv_dequant, kv_quant, nvfp4_gemm, nvfp4_gemm_decoded, nvfp4_gemm_rs,
+    fp8_attention, fp8_conv, fp8_quant, kv_attention, kv_dequant, kv_quant, nvfp4_gemm, nvfp4_gemm_decoded, nvfp4_gemm_rs,
     nvfp4_quant)
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -182,3 +182,33 @@ def test_kv_kernels_compile() -> None:
             dict(D=128, DP=128, BM=kv_attention.BLOCK_M, BN=kv_attention.BLOCK_N), floats=("sm_scale",)),
     ]
     assert all("cubin" in asm for asm in asms)
+
+
+@pytest.mark.parametrize("cfg", fp8_conv._CONFIGS)
+def test_fp8_conv_compiles_as_one_flattened_fp8_tma_pipeline(cfg: tuple) -> None:
+    """The VAE's FP8 implicit-GEMM convolution: one flattened loop, both E4M3 tiles by TMA (the taps are row
+    offsets of the A load), FP8 wgmma with each one overlapping the next step, each K step's sum promoted to the
+    float32 accumulator."""
+    bm, bn, bk, stages, warps = cfg
+    asm = compile_for_hopper(
+        fp8_conv._fp8_conv3d_kernel,
+        dict(x_desc=f"tensordesc<fp8e4nv[{bm}, {bk}]>", w_desc=f"tensordesc<fp8e4nv[{bn}, {bk}]>", w_scale_ptr="fp32",
+             bias_ptr="bf16", res_ptr="bf16", out_ptr="bf16"),
+        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, NUM_SMS=132, HAS_BIAS=True, HAS_RES=True, HW=True,
+             PROMOTE=True),
+        floats=("x_scale",), num_warps=warps, num_stages=stages)
+    loop = first_loop(asm["ttgir"], holding="ttng.warp_group_dot ")
+    assert "cubin" in asm
+    assert sum("async_tma_copy_global_to_local" in line for line in loop) == 2
+    assert not any("scf.for" in line for line in loop[1:])
+    dots = [line for line in loop if "ttng.warp_group_dot " in line]
+    assert dots and all("f8E4M3FN" in line and f"maxNumImpreciseAcc = {bk} " in line for line in dots)
+    assert any("pendings = 1" in line for line in loop if "warp_group_dot_wait" in line)
+
+
+def test_fp8_norm_quantize_compiles_with_hardware_cast() -> None:
+    asm = compile_for_hopper(fp8_conv._norm_silu_fp8_kernel,
+                             dict(x_ptr="bf16", gamma_ptr="bf16", beta_ptr="bf16", buf_ptr="u8"),
+                             dict(BLOCK_P=4, BLOCK_C=1024, SILU=True, HAS_BETA=False, HW=True),
+                             floats=("norm_scale", "x_scale"))
+    assert "cubin" in asm and "cvt.rn.satfinite.e4m3x2.f32" in asm["ptx"]

@@ -57,7 +57,8 @@ class GenerateRequest:
     vae: str | None = None  # diffusers VAE / pipeline folder or a longstream VAE file; default: see _vae
     offload_text_encoder: bool = False
     text_cache: str | None = None  # folder of cached prompt embeddings (umT5)
-    vae_dtype: str | None = None  # "bf16" (channels-last on CUDA) or "fp32"; None: bf16 on CUDA, fp32 elsewhere
+    vae_dtype: str | None = None  # "bf16" (channels-last on CUDA), "fp8" (bf16 + FP8 residual convs, Hopper) or
+    # "fp32"; None: bf16 on CUDA, fp32 elsewhere
 
 
 def _shots(req: GenerateRequest) -> list[Shot]:
@@ -120,8 +121,8 @@ def _pipeline_folder(req: GenerateRequest) -> str | None:
 def _vae(req: GenerateRequest, preset: Preset, device: torch.device) -> AutoencoderKLWan:
     """--vae (a longstream VAE file, or a diffusers VAE / pipeline folder), else the pipeline folder's VAE, the
     shipped one for the embedded preset, or random weights; in --vae-dtype (default bf16 on CUDA, with
-    channels-last convolutions, fp32 elsewhere)."""
-    bf16 = (req.vae_dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
+    channels-last convolutions, fp32 elsewhere; fp8: bf16 with the residual blocks' convolutions in FP8)."""
+    bf16 = (req.vae_dtype or ("bf16" if device.type == "cuda" else "fp32")) in ("bf16", "fp8")
     dtype = torch.bfloat16 if bf16 else torch.float32
     source = req.vae or _pipeline_folder(req)
     if source and Path(source).is_file():
@@ -139,7 +140,7 @@ def _vae(req: GenerateRequest, preset: Preset, device: torch.device) -> Autoenco
     if vae.config.z_dim != preset.transformer.in_channels:
         raise UsageError(f"the VAE has {vae.config.z_dim} latent channels but preset {preset.name}'s transformer "
                          f"takes {preset.transformer.in_channels}")
-    return accelerate(vae, channels_last=bf16 and device.type == "cuda")
+    return accelerate(vae, channels_last=bf16 and device.type == "cuda", fp8=req.vae_dtype == "fp8")
 
 
 def _text_encoder(req: GenerateRequest, preset: Preset, device: torch.device) -> TextEncoder:
@@ -217,8 +218,8 @@ def prepare(req: GenerateRequest, models: Models | None = None) -> Generation:
                          f"{preset.transformer.attention_head_dim}")
     if req.attention == "fp8" and req.kv_cache != "fp8":
         raise UsageError(f"--attention fp8 reads an fp8 KV cache: add --kv-cache fp8 (got {req.kv_cache})")
-    if req.vae_dtype not in (None, "bf16", "fp32"):
-        raise UsageError(f"--vae-dtype must be bf16 or fp32, got {req.vae_dtype!r}")
+    if req.vae_dtype not in (None, "bf16", "fp8", "fp32"):
+        raise UsageError(f"--vae-dtype must be bf16, fp8 or fp32, got {req.vae_dtype!r}")
     stream = dataclasses.replace(preset.stream, steps=req.steps or preset.stream.steps)
     plan: ChunkPlan = plan_chunks(shots, preset.fps, stream.chunk_frames, preset.vae.temporal)
     out = output_file(req.output, ".mp4")
@@ -242,6 +243,10 @@ def prepare(req: GenerateRequest, models: Models | None = None) -> Generation:
         raise UsageError("--attention fp8 needs FP8 tensor cores (compute capability 8.9 or newer); use bf16")
     _check_cache_fits(preset, stream, height, width, req.kv_cache, req.sp, device)
     decode_device = device if req.decode_device is None else resolve_device(req.decode_device)
+    if req.vae_dtype == "fp8" and not (decode_device.type == "cuda"
+                                      and torch.cuda.get_device_capability(decode_device)[0] in (9, 10)):
+        raise UsageError(f"--vae-dtype fp8 needs a Hopper or datacenter Blackwell GPU to decode on (TMA and FP8 "
+                         f"tensor cores), not {decode_device}; use bf16")
     models = models or load_models(req, preset, device, decode_device)
     decoder = StreamingDecoder(models.vae, normalized=True, frames_per_call=4)
     plans = [ShotPlan(models.encoder.encode([s.prompt]), n) for s, n in zip(shots, plan.chunks_per_shot)]

@@ -16,11 +16,11 @@ On CUDA (the Wan2.2 VAE decoding 704x1280 on an H200, bench/RESULTS.md), the con
 peak but elementwise work took about half the time. The norm, and the SiLU that follows it in residual blocks and
 heads (folded into the norm: the owner's `nonlinearity` becomes Identity), run as one compiled kernel
 (`longstream.fused`); the causal convs pad space inside the convolution instead of copying the input padded;
-`FastDupUp3D` keeps channels-last activations channels-last (one compiled pass), and `SubPixelUpConv` runs the
-decoder's 2x nearest upsample + 3x3 conv as four 2x2 convs on the small image (2.25x fewer FLOPs in those layers,
-~7.5% of the Wan2.2 decoder's, and no upsampled copy in float32). `FastResidualBlock` adds the convs' biases inside the compiled norm
-and residual add instead of cuDNN's separate, strided bias pass; `SubPixelUpConv` likewise adds its bias while
-it interleaves the four phases (`interleave_phases`).
+`FastDupUp3D` keeps channels-last activations channels-last, and `SubPixelUpConv` runs the decoder's 2x nearest
+upsample + 3x3 conv as four 2x2 convs on the small image (2.25x fewer FLOPs in those layers, ~7.5% of the Wan2.2
+decoder's, and no upsampled copy in float32). `FastResidualBlock` adds the convs' biases inside the compiled norm
+and residual add instead of cuDNN's separate, strided bias pass. Inductor's one-pass versions of `FastDupUp3D`'s
+copies and of `SubPixelUpConv`'s bias + phase interleave were slower than these eager ones (bench/RESULTS.md).
 
 Parameters and state dict are unchanged (the new classes subclass diffusers' ones), so `accelerate` can be
 applied to any loaded VAE, once. The convolution takes cuDNN's path for non-CPU or non-float32 tensors; the
@@ -45,6 +45,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 )
 
 from .. import fused
+from . import fp8
 
 
 def per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -130,12 +131,16 @@ class FastResidualBlock(WanResidualBlock):
     """diffusers' residual block where the norms and causal convs are the fast twins. On the compiled path (CUDA
     inference) conv1's bias goes into norm2's kernel and conv2's into the residual add, one kernel: cuDNN's own
     bias add is a separate strided pass on channels-last outputs (~10% of a 1280x704 decode, bench/RESULTS.md).
-    `fold_bias` forces the choice (None: fold where `fused` compiles)."""
+    `fold_bias` forces the choice (None: fold where `fused` compiles). With `fp8` (set by `accelerate(fp8=True)`)
+    both convolutions run in FP8 where `fp8.usable` says they can (`longstream.vae.fp8`)."""
 
     fold_bias: bool | None = None
+    fp8: bool = False
 
     def forward(self, x: torch.Tensor, feat_cache: list | None = None,
                 feat_idx: list[int] = [0]) -> torch.Tensor:  # noqa: B006  diffusers' signature
+        if self.fp8 and fp8.usable(self, x):
+            return fp8.residual_forward(self, x, feat_cache, feat_idx)
         fold = fused.compiles(x) if self.fold_bias is None else self.fold_bias
         h = self.conv_shortcut(x)
         x = self.nonlinearity(self.norm1(x))
@@ -160,15 +165,13 @@ class FastDupUp3D(DupUp3D):
     def forward(self, x: torch.Tensor, first_chunk: bool = False) -> torch.Tensor:
         if not _channels_last(x):
             return super().forward(x, first_chunk)
-        y = fused.run(dup_up_channels_last, x, self.repeats, self.out_channels, self.factor_t, self.factor_s)
+        y = dup_up_channels_last(x, self.repeats, self.out_channels, self.factor_t, self.factor_s)
         return y[:, :, self.factor_t - 1:] if first_chunk else y
 
 
 def dup_up_channels_last(x: torch.Tensor, repeats: int, out_channels: int, ft: int, fs: int) -> torch.Tensor:
     """`FastDupUp3D`'s body on a channels-last [B, C, T, H, W]: each channel repeated `repeats` times, then the
-    channels spread over (ft, fs, fs) sub-positions of time and space, the result channels-last. Compiled (CUDA
-    inference), one pass that reads x once: eager, the repeat and the permute are two copies of the large result
-    (9.1 and 13.1 ms of a 5B chunk, bench/RESULTS.md)."""
+    channels spread over (ft, fs, fs) sub-positions of time and space, the result channels-last (two copies)."""
     b, _, t, h, w = x.shape
     y = x.permute(0, 2, 3, 4, 1).repeat_interleave(repeats, dim=-1)  # [B, T, H, W, C_out*ft*fs*fs]
     y = y.view(b, t, h, w, out_channels, ft, fs, fs).permute(0, 1, 5, 2, 6, 3, 7, 4).contiguous()
@@ -210,15 +213,10 @@ class SubPixelUpConv(torch.nn.Sequential):
             self._phases = (key, kernel, bias)
         return kernel, bias
 
-    fold_bias: bool | None = None  # add the bias in `interleave_phases` (None: where `fused` compiles)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel, bias = self._phase_conv()
         n, _, h, wd = x.shape
         o = kernel.shape[0] // 4
-        if fused.compiles(x) if self.fold_bias is None else self.fold_bias:
-            y = F.conv2d(x, kernel, padding=1)
-            return fused.run(interleave_phases, y, self[1].bias, h, wd, _channels_last(y))
         y = F.conv2d(x, kernel, bias, padding=1).view(n, 2, 2, o, h + 1, wd + 1)
         if y.stride(3) == 1 and not y.is_contiguous():  # channels-last: [n, i, a, j, b, o] in memory
             out = y.new_empty(n, h, 2, wd, 2, o).permute(0, 5, 1, 2, 3, 4)
@@ -230,21 +228,6 @@ class SubPixelUpConv(torch.nn.Sequential):
         return out.reshape(n, o, 2 * h, 2 * wd)  # a view in either layout
 
 
-def interleave_phases(y: torch.Tensor, bias: torch.Tensor | None, h: int, w: int, channels_last: bool
-                      ) -> torch.Tensor:
-    """`SubPixelUpConv`'s output [n, o, 2h, 2w] from its phase conv's [n, 4 o, h + 1, w + 1] (without bias): phase
-    (a, b)'s (h, w) window at rows 2i + a and columns 2j + b, plus the bias, in one pass when compiled (cuDNN adds
-    a bias in a separate strided pass over the larger padded output: bench/RESULTS.md), laid out channels-last or
-    contiguous."""
-    n, o = y.shape[0], y.shape[1] // 4
-    phases = y.view(n, 2, 2, o, h + 1, w + 1)
-    rows = [torch.stack([phases[:, a, b, :, a:a + h, b:b + w] for b in (0, 1)], dim=-1) for a in (0, 1)]
-    out = torch.stack(rows, dim=3).reshape(n, o, 2 * h, 2 * w)  # [n, o, h, a, w, b] -> rows 2i + a, cols 2j + b
-    if bias is not None:
-        out = out + bias.to(out.dtype).view(1, -1, 1, 1)  # the conv's dtype (bf16 under autocast)
-    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
 def _is_upsample_body(module: torch.nn.Module) -> bool:
     return (type(module) is torch.nn.Sequential and len(module) == 2 and type(module[0]) is WanUpsample
             and module[0].scale_factor == (2.0, 2.0) and module[0].mode == "nearest-exact"
@@ -252,8 +235,8 @@ def _is_upsample_body(module: torch.nn.Module) -> bool:
             and module[1].padding == (1, 1) and module[1].stride == (1, 1) and module[1].groups == 1)
 
 
-def accelerate(vae: AutoencoderKLWan, *, channels_last: bool = False,
-               sub_pixel: bool = True) -> AutoencoderKLWan:
+def accelerate(vae: AutoencoderKLWan, *, channels_last: bool = False, sub_pixel: bool = True,
+               fp8: bool = False) -> AutoencoderKLWan:
     """Swap the VAE's RMS norms, causal convs, residual blocks, DupUp3D and (with `sub_pixel`) its upsamplers'
     upsample + conv for the faster twins above and fold the SiLU that follows a norm into it (in place); returns
     `vae`.
@@ -261,6 +244,9 @@ def accelerate(vae: AutoencoderKLWan, *, channels_last: bool = False,
     `channels_last=True` also stores the conv weights channels-last (NDHWC / NHWC), the layout cuDNN's bf16
     tensor-core convolutions run in without transposing; `StreamingDecoder` then feeds the decoder the same
     layout (see `memory_format`). Same math; meant for CUDA.
+
+    `fp8=True` runs the residual blocks' convolutions in FP8 (E4M3) inference on Hopper (`longstream.vae.fp8`):
+    not the same math, a few percent of error a convolution (bench/RESULTS.md measures the frames' difference).
     """
     for module in vae.modules():
         if type(module) is WanRMS_norm:
@@ -281,6 +267,7 @@ def accelerate(vae: AutoencoderKLWan, *, channels_last: bool = False,
     for module in vae.modules():  # after the SiLU fold, which matches diffusers' class
         if type(module) is WanResidualBlock and module.conv1.bias is not None and module.conv2.bias is not None:
             module.__class__ = FastResidualBlock
+            module.fp8 = fp8
     if channels_last:
         for module in vae.modules():
             if isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):

@@ -115,12 +115,13 @@ def _scaled_gemm_tma_kernel(
         _epilogue(acc, g, bias_ptr, c_ptr, pid_m, pid_n, M, N, stride_cm, BLOCK_M, BLOCK_N, HAS_BIAS)
 
 
-def _autotuned(kernel, configs: list[tuple], pre_hook=None):
-    """`kernel` autotuned over (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) candidates, per (M, N, K)."""
+def _autotuned(kernel, configs: list[tuple], pre_hook=None, key: tuple[str, ...] = ("M", "N", "K")):
+    """`kernel` autotuned over (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) candidates, per value of the
+    arguments named in `key`."""
     return triton.autotune(
         configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=st,
                                num_warps=nw, pre_hook=pre_hook) for bm, bn, bk, st, nw in configs],
-        key=["M", "N", "K"],
+        key=list(key),
     )(kernel)
 
 
