@@ -202,4 +202,5 @@ def test_fp8_kernels_on_gpu_equal_the_reference(c, o):
     bias = torch.randn(o, generator=g).cuda()
     out = fp8_conv3d_triton(want_buf, wc, ws, scale, bias=bias, out_dtype=torch.float32)
     want = formats.conv_reference(want_buf, wc, ws, scale, bias=bias)
-    assert (out - want).norm() <= 1e-5 * want.norm(), ((out - want).norm() / want.norm()).item()
+    # FP8 tensor cores sum each K step's 128 products with fewer mantissa bits than float32: 0.9-1.2e-4 measured
+    assert (out - want).norm() <= 3e-4 * want.norm(), ((out - want).norm() / want.norm()).item()
