@@ -159,6 +159,8 @@ BAD = {
     "decode device beyond the GPUs": (lambda p: ["--prompt", "x", "--decode-device", "cuda:7"], "cuda:7 asked for"),
     "decode device with sp": (lambda p: ["--prompt", "x", "--decode-device", "cpu", "--sp", "2"], "for one process"),
     "missing vae": (lambda p: ["--prompt", "x", "--vae", str(p / "nope")], "nope: no such file or folder"),
+    "fp8 VAE without a Hopper GPU": (lambda p: ["--prompt", "x", "--vae-dtype", "fp8", "--device", "cpu"],
+                                     "needs a Hopper or datacenter Blackwell GPU"),
 }
 
 

@@ -14,6 +14,9 @@
 * ``kv_dequant``: quantized KV cache (NVFP4, FP8) -> compute dtype in one pass, bit-exact with the storages' reads.
 * ``kv_attention``: attention over an NVFP4 KV cache decoding K/V tiles in registers (flash-style online
   softmax), equal to ``kv_dequant`` + SDPA up to summation order.
+* ``fp8_conv``: the VAE decoder's residual blocks in FP8: norm + SiLU written as E4M3 codes into a padded causal
+  buffer, and the causal 3x3x3 convolution as an implicit GEMM (TMA, FP8 tensor cores), against
+  ``longstream.quant.fp8_conv``'s float64 twin.
 * ``native``: Blackwell ``torch._scaled_mm`` with FP4 operands and swizzled E4M3 block scales (pure PyTorch;
   written to the documented API, not run here: no Blackwell GPU).
 
