@@ -304,6 +304,8 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="self-attention's q, k, v from one projection (one GEMM and activation quantize), comma list "
                         "of on, off (default on)")
     e.add_argument("--no-vae", action="store_true", help="time the DiT alone (no VAE built)")
+    e.add_argument("--vae-dtype", default="bf16", choices=("bf16", "fp8"),
+                   help="VAE decode: bf16, or fp8 (the residual blocks' convolutions on FP8 tensor cores; Hopper)")
     e.add_argument("--decode-device", metavar="DEVICE",
                    help="decode the VAE on this device, e.g. cuda:1 (default: the DiT's device)")
     e.add_argument("--compile", nargs="?", const="max-autotune-no-cudagraphs", metavar="MODE",
@@ -328,7 +330,7 @@ def _run_bench_e2e(args: argparse.Namespace) -> None:
         preset=args.preset, height=args.height, width=args.width, chunks=args.chunks, steps=args.steps,
         linear=args.linear, kv_cache=args.kv_cache, attention=args.attention, async_decode=args.async_decode,
         fusion=args.fusion, fuse_qkv=args.fuse_qkv,
-        vae=not args.no_vae, compile=args.compile, text_tokens=args.text_tokens, seed=args.seed,
+        vae=not args.no_vae, vae_dtype=args.vae_dtype, compile=args.compile, text_tokens=args.text_tokens, seed=args.seed,
         peak_tflops=args.peak_tflops, peak_tbps=args.peak_tbps, json=args.json, device=args.device,
         decode_device=args.decode_device, progress=not args.quiet,
     ))

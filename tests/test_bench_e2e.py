@@ -141,6 +141,7 @@ def test_roofline_ceiling_and_formats():
     (["--fuse-qkv", "yes"], "unknown --fuse-qkv value 'yes'"),
     (["--decode-device", "cpu", "--no-vae"], "--decode-device needs the VAE"),
     (["--decode-device", "cuda:5"], "cuda:5 asked for"),
+    (["--vae-dtype", "fp8"], "--vae-dtype fp8 needs the VAE on a Hopper"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, message, capsys):
     assert main([*TINY, *args]) == 2

@@ -72,8 +72,8 @@ host) multiplies that by the layers, as the resumed code is guarded on the layer
 raised to 256 graphs per function and reaching it is an error, so that no row silently falls back to eager.
 
 JSON: the settings (device, torch, preset, height, width, tokens_per_frame, chunk_frames, window_frames,
-sink_frames, chunks, first_measured_chunk, text_tokens, seed, dtype, vae, decode_device, compile, peak_tflops,
-peak_tbps) and `rows`, each with steps, linear, kv_cache, attention, async_decode (null without VAE), fusion,
+sink_frames, chunks, first_measured_chunk, text_tokens, seed, dtype, vae, vae_dtype, decode_device, compile,
+peak_tflops, peak_tbps) and `rows`, each with steps, linear, kv_cache, attention, async_decode (null without VAE), fusion,
 fuse_qkv, video_fps, dit_fps, chunk_s (steady host time per chunk), dit_chunk_s, first_frame_s, first_chunk_s,
 peak_memory_gib, latent_rel_error, breakdown_ms {linears, attention, cache_write, vae, other, chunk, kernels,
 unlinked, shared_ids, top_kernels (GPU: the TOP_KERNELS kernels with the most time in the profiled chunk)} and
@@ -137,6 +137,7 @@ class E2ERequest:
     fusion: str = "on"
     fuse_qkv: str = "on"
     vae: bool = True
+    vae_dtype: str = "bf16"  # "fp8": the decoder's residual-block convolutions in FP8 (longstream.vae.fp8; Hopper)
     compile: str | None = None
     text_tokens: int = 512
     seed: int = 0
@@ -271,6 +272,11 @@ def plan(req: E2ERequest) -> _Plan:
     decode_device = device if req.decode_device is None else resolve_device(req.decode_device)
     if req.decode_device is not None and not req.vae:
         raise UsageError("--decode-device needs the VAE (drop --no-vae)")
+    if req.vae_dtype not in ("bf16", "fp8"):
+        raise UsageError(f"--vae-dtype takes bf16 or fp8, got {req.vae_dtype!r}")
+    if req.vae_dtype == "fp8" and not (req.vae and decode_device.type == "cuda"
+                                       and torch.cuda.get_device_capability(decode_device)[0] in (9, 10)):
+        raise UsageError("--vae-dtype fp8 needs the VAE on a Hopper or datacenter Blackwell GPU")
     if req.compile is not None:
         _check_compile(req.compile, device)
     # bf16 linears and the dense cache first: their rows give the other rows' reference latents
@@ -350,7 +356,7 @@ class _Bench:
             on = p.decode_device
             with torch.device(on):
                 vae = build_vae(p.preset.vae.kind, dtype=p.dtype)
-                self.vae = accelerate(vae, channels_last=on.type == "cuda")  # bench/vae_decode.py's fastest
+                self.vae = accelerate(vae, channels_last=on.type == "cuda", fp8=req.vae_dtype == "fp8")
 
     def transformer(self, linear: str, compiled: bool = True, qkv: bool = False) -> CausalWanTransformer:
         """The preset's transformer with fixed random weights in `linear` format, q/k/v fused with `qkv`, compiled
@@ -504,7 +510,8 @@ def settings(p: _Plan) -> dict[str, Any]:
         "tokens_per_frame": p.tokens_per_frame, "chunk_frames": s.chunk_frames, "window_frames": s.window_frames,
         "sink_frames": s.sink_frames, "chunks": req.chunks, "first_measured_chunk": p.first_measured,
         "text_tokens": req.text_tokens, "seed": req.seed, "dtype": str(p.dtype).removeprefix("torch."),
-        "vae": req.vae, "decode_device": str(p.decode_device) if req.vae else None, "compile": req.compile,
+        "vae": req.vae, "vae_dtype": req.vae_dtype if req.vae else None,
+        "decode_device": str(p.decode_device) if req.vae else None, "compile": req.compile,
         "peak_tflops": p.peak_tflops, "peak_tbps": p.peak_tbps,
     }
 
