@@ -3,12 +3,13 @@
 latent frames a call (bench/vae_decode.py's setting).
 
 Per shape: milliseconds and TFLOP/s of cuDNN's bf16 convolution (channels-last, the input with its 2 causal frames
-in front, as `FastCausalConv3d` runs it), of the FP8 kernel with per-step float32 promotion (the default) and
-without it, and of the norm + SiLU in front of it: the compiled bf16 one (`channel_rms_norm`) against the FP8
-norm-quantize kernel that writes the padded buffer. Errors, relative Frobenius against a float32 convolution
-(TF32 off) of the bf16 input: "fp8 err" (all of FP8: the input and weights rounded to E4M3) and "acc err" (the
-kernel's own summation against the float32 convolution of the E4M3 values, promoted / not). Random weights
-(scale 1/sqrt(27 C)) and inputs from a random norm.
+in front, without bias: as `FastResidualBlock` runs it, the bias folded into the next norm), of the FP8 kernel
+(bias in its epilogue) with per-step float32 promotion (the default) and without it, and of the norm + SiLU in
+front of it: the compiled bf16 one (`channel_rms_norm`) against the FP8 norm-quantize kernel that writes the
+padded buffer. Errors, relative Frobenius against a float32 convolution (TF32 off) of the bf16 input: "fp8 err"
+(all of FP8: the input and weights rounded to E4M3) and "acc err" (the kernel's own summation against the float32
+convolution of the E4M3 values, promoted / not). Random weights (scale 1/sqrt(27 C)) and inputs from a random
+norm. (Its first run, 2026-12-03, timed cuDNN with its separate bias pass: bench/RESULTS.md.)
 
     python bench/fp8_conv.py [--shapes all|C,O,T,H,W;...] [--repeat 5] [--out FILE.json]
 """
@@ -76,7 +77,7 @@ def bench_shape(c: int, o: int, t: int, h: int, w: int, repeat: int) -> dict:
     row["norm_bf16_ms"] = timed(lambda: norm(x, gamma, 0.0, c ** 0.5, True), repeat)
     y = norm(x, gamma, 0.0, c ** 0.5, True)
     padded = torch.cat([torch.zeros_like(y[:, :, :2]), y], dim=2)
-    cudnn = lambda: F.conv3d(padded, weight, bias, padding=(0, 1, 1))  # noqa: E731
+    cudnn = lambda: F.conv3d(padded, weight, None, padding=(0, 1, 1))  # noqa: E731
     row["cudnn_bf16_ms"] = timed(cudnn, repeat)
 
     x_scale = formats.activation_bound(gamma, 0.0, c ** 0.5) / formats.E4M3_MAX
@@ -93,7 +94,7 @@ def bench_shape(c: int, o: int, t: int, h: int, w: int, repeat: int) -> dict:
         if promote:  # float32 references, one at a time (the largest shape's are ~3.6 GB each)
             exact_bf16 = F.conv3d(padded.float(), weight.float(), bias.float(), padding=(0, 1, 1))
             row["fp8_err"] = rel(out.permute(0, 4, 1, 2, 3), exact_bf16)
-            row["cudnn_bf16_err"] = rel(cudnn(), exact_bf16)
+            row["cudnn_bf16_err"] = rel(cudnn() + bias.view(1, -1, 1, 1, 1), exact_bf16)
             del exact_bf16
         values = formats.e4m3_values(buffer).permute(0, 4, 1, 2, 3)
         w_values = formats.e4m3_values(codes).view(o, 3, 3, 3, c).permute(0, 4, 1, 2, 3) * scales.view(-1, 1, 1, 1, 1)

@@ -330,7 +330,8 @@ def _run_bench_e2e(args: argparse.Namespace) -> None:
         preset=args.preset, height=args.height, width=args.width, chunks=args.chunks, steps=args.steps,
         linear=args.linear, kv_cache=args.kv_cache, attention=args.attention, async_decode=args.async_decode,
         fusion=args.fusion, fuse_qkv=args.fuse_qkv,
-        vae=not args.no_vae, vae_dtype=args.vae_dtype, compile=args.compile, text_tokens=args.text_tokens, seed=args.seed,
+        vae=not args.no_vae, vae_dtype=args.vae_dtype, compile=args.compile, text_tokens=args.text_tokens,
+        seed=args.seed,
         peak_tflops=args.peak_tflops, peak_tbps=args.peak_tbps, json=args.json, device=args.device,
         decode_device=args.decode_device, progress=not args.quiet,
     ))

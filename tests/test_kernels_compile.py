@@ -13,8 +13,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from longstream.quant.kernels import (  # noqa: E402
-    fp8_attention, fp8_conv, fp8_quant, kv_attention, kv_dequant, kv_quant, nvfp4_gemm, nvfp4_gemm_decoded, nvfp4_gemm_rs,
-    nvfp4_quant)
+    fp8_attention, fp8_conv, fp8_quant, kv_attention, kv_dequant, kv_quant, nvfp4_gemm, nvfp4_gemm_decoded,
+    nvfp4_gemm_rs, nvfp4_quant)
 
 HOPPER = GPUTarget("cuda", 90, 32)
 

@@ -73,8 +73,8 @@ raised to 256 graphs per function and reaching it is an error, so that no row si
 
 JSON: the settings (device, torch, preset, height, width, tokens_per_frame, chunk_frames, window_frames,
 sink_frames, chunks, first_measured_chunk, text_tokens, seed, dtype, vae, vae_dtype, decode_device, compile,
-peak_tflops, peak_tbps) and `rows`, each with steps, linear, kv_cache, attention, async_decode (null without VAE), fusion,
-fuse_qkv, video_fps, dit_fps, chunk_s (steady host time per chunk), dit_chunk_s, first_frame_s, first_chunk_s,
+peak_tflops, peak_tbps) and `rows`, each with steps, linear, kv_cache, attention, async_decode (null without VAE),
+fusion, fuse_qkv, video_fps, dit_fps, chunk_s (steady host time per chunk), dit_chunk_s, first_frame_s, first_chunk_s,
 peak_memory_gib, latent_rel_error, breakdown_ms {linears, attention, cache_write, vae, other, chunk, kernels,
 unlinked, shared_ids, top_kernels (GPU: the TOP_KERNELS kernels with the most time in the profiled chunk)} and
 roofline {flops_per_frame, linear_flops_per_frame, attention_flops_per_frame, bytes_per_frame, compute_bound_fps,

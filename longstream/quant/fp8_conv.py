@@ -7,11 +7,11 @@ convolution multiplies E4M3 codes on FP8 tensor cores with float32 accumulation:
 - Activation codes: the norm + SiLU output divided by ONE static scale per norm, ``activation_bound / 448``. The
   bound holds for every input (the normalised vector has unit length, so ``|y_c| <= sqrt(C) |gamma_c| + |b_c|``,
   and SiLU is never below -0.279), so no amax pass is needed and nothing saturates; E4M3's range (2^-9..448) keeps
-  the typical values, ~1/30 of the bound, in its normal range.
+  the typical values, ~1/sqrt(C) of the bound, in its normal range.
 - The padded input buffer: uint8 (the E4M3 bytes) ``[B, 2 + T, H + 2, W + 2, C]``, channels innermost. Frames
   0-1 are the causal history (the previous call's last two input frames, zeros at a stream's start), the
   spatial border is zeros; the convolution then needs no bounds checks: output pixel (t, h, w) reads buffer
-  frames t..t+2, rows h..h+2, columns w..w+2. Its last two frames are the next call's history (`history`).
+  frames t..t+2, rows h..h+2, columns w..w+2. Its last two frames are the next call's history (`next_history`).
 - Weight codes: ``[O, 27 C]`` E4M3 bytes, K ordered (dt, dh, dw, c), one float32 scale per output channel
   (its amax / 448).
 - Output: ``(sum of code products) * x_scale * w_scale[o] + bias[o] (+ residual)``, in float32 before one
@@ -25,7 +25,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-E4M3_MAX = 448.0
+from .fp8 import E4M3_MAX
+
 SILU_MIN = 0.2785  # -min over x of x * sigmoid(x) is 0.27846...
 HISTORY = 2  # causal frames in front of each call's input
 
@@ -79,7 +80,7 @@ def padded_buffer(codes: torch.Tensor, history: Optional[torch.Tensor]) -> torch
     return buf
 
 
-def history(buffer: torch.Tensor) -> torch.Tensor:
+def next_history(buffer: torch.Tensor) -> torch.Tensor:
     """The next call's causal history: the buffer's last two frames, copied (the buffer itself is not kept)."""
     return buffer[:, -HISTORY:].clone()
 

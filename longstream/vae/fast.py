@@ -45,7 +45,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 )
 
 from .. import fused
-from . import fp8
+from . import fp8 as fp8_blocks
 
 
 def per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -118,6 +118,9 @@ def _cached_conv(conv: FastCausalConv3d, x: torch.Tensor, feat_cache: list | Non
     if feat_cache is None:
         return conv(x, with_bias=with_bias)
     idx = feat_idx[0]
+    if feat_cache[idx] is not None and feat_cache[idx].dtype == torch.uint8:
+        raise RuntimeError("the decoder's cache holds FP8 frames: a bf16 block cannot continue a stream that an FP8 "
+                           "block started (gradients switched on mid-stream?); reset the decoder first")
     cache_x = x[:, :, -CACHE_T:].clone()
     if cache_x.shape[2] < CACHE_T and feat_cache[idx] is not None:
         cache_x = torch.cat([feat_cache[idx][:, :, -1:].to(cache_x.device), cache_x], dim=2)
@@ -131,16 +134,16 @@ class FastResidualBlock(WanResidualBlock):
     """diffusers' residual block where the norms and causal convs are the fast twins. On the compiled path (CUDA
     inference) conv1's bias goes into norm2's kernel and conv2's into the residual add, one kernel: cuDNN's own
     bias add is a separate strided pass on channels-last outputs (~10% of a 1280x704 decode, bench/RESULTS.md).
-    `fold_bias` forces the choice (None: fold where `fused` compiles). With `fp8` (set by `accelerate(fp8=True)`)
-    both convolutions run in FP8 where `fp8.usable` says they can (`longstream.vae.fp8`)."""
+    `fold_bias` forces the choice (None: fold where `fused` compiles). With `fp8` (set by `accelerate(fp8=True)` on
+    the decoder's blocks) both convolutions run in FP8 where `fp8.usable` says they can (`longstream.vae.fp8`)."""
 
     fold_bias: bool | None = None
     fp8: bool = False
 
     def forward(self, x: torch.Tensor, feat_cache: list | None = None,
                 feat_idx: list[int] = [0]) -> torch.Tensor:  # noqa: B006  diffusers' signature
-        if self.fp8 and fp8.usable(self, x):
-            return fp8.residual_forward(self, x, feat_cache, feat_idx)
+        if self.fp8 and fp8_blocks.usable(self, x):
+            return fp8_blocks.residual_forward(self, x, feat_cache, feat_idx)
         fold = fused.compiles(x) if self.fold_bias is None else self.fold_bias
         h = self.conv_shortcut(x)
         x = self.nonlinearity(self.norm1(x))
@@ -245,8 +248,9 @@ def accelerate(vae: AutoencoderKLWan, *, channels_last: bool = False, sub_pixel:
     tensor-core convolutions run in without transposing; `StreamingDecoder` then feeds the decoder the same
     layout (see `memory_format`). Same math; meant for CUDA.
 
-    `fp8=True` runs the residual blocks' convolutions in FP8 (E4M3) inference on Hopper (`longstream.vae.fp8`):
-    not the same math, a few percent of error a convolution (bench/RESULTS.md measures the frames' difference).
+    `fp8=True` runs the decoder's residual-block convolutions in FP8 (E4M3) for inference on Hopper
+    (`longstream.vae.fp8`; the encoder stays as it is): not the same math, ~2% of error a convolution
+    (bench/RESULTS.md).
     """
     for module in vae.modules():
         if type(module) is WanRMS_norm:
@@ -267,6 +271,8 @@ def accelerate(vae: AutoencoderKLWan, *, channels_last: bool = False, sub_pixel:
     for module in vae.modules():  # after the SiLU fold, which matches diffusers' class
         if type(module) is WanResidualBlock and module.conv1.bias is not None and module.conv2.bias is not None:
             module.__class__ = FastResidualBlock
+    for module in vae.decoder.modules():
+        if isinstance(module, FastResidualBlock):
             module.fp8 = fp8
     if channels_last:
         for module in vae.modules():

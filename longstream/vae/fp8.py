@@ -5,11 +5,13 @@ A residual block's two causal 3x3x3 convolutions are most of a Wan decoder's FLO
 (an implicit GEMM on FP8 tensor cores, bias and residual in its epilogue); formats in `longstream.quant.fp8_conv`.
 The causal cache holds each convolution's E4M3 history frames instead of bf16 ones, under diffusers' cache
 protocol (one `feat_cache` slot per convolution, in the same order). A block whose channels the kernel cannot
-run, or a device without it, takes the bf16 path.
+run, or a device without it, takes the bf16 path. The E4M3 scales follow the weights (kept until those change);
+after changing weights, reset the decoder, whose cached history was written at the old scales.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
@@ -18,12 +20,22 @@ from ..quant import fp8_conv as formats
 from ..quant.kernels import interpreting, triton_available
 
 
+def _version(t: torch.Tensor) -> int:
+    """In-place updates so far (-1 for inference tensors, which keep no count and cannot be updated outside
+    inference mode)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 def _memo(module: torch.nn.Module, tensors: tuple, make: Callable[[], tuple]) -> tuple:
-    """`make()` kept on `module` until one of `tensors` changes (in place or new storage)."""
-    key = tuple((t._version, t.data_ptr(), t.dtype) for t in tensors if isinstance(t, torch.Tensor))
+    """`make()` kept on `module` until one of `tensors` is updated in place or replaced by another tensor."""
+    tensors = tuple(t for t in tensors if isinstance(t, torch.Tensor))
     cached = getattr(module, "_fp8_memo", None)
-    if cached is None or cached[0] != key:
-        cached = (key, make())
+    if cached is None or len(cached[0]) != len(tensors) or any(
+            ref() is not t or version != _version(t) for (ref, version), t in zip(cached[0], tensors)):
+        cached = (tuple((weakref.ref(t), _version(t)) for t in tensors), make())
         module._fp8_memo = cached
     return cached[1]
 
@@ -47,7 +59,8 @@ def usable(block: torch.nn.Module, x: torch.Tensor) -> bool:
     from ..quant.kernels.fp8_conv import supported
 
     convs = (block.conv1, block.conv2)
-    return all(c.kernel_size == (3, 3, 3) and c.stride == (1, 1, 1) and supported(c.in_channels, x.device)
+    return all(c.kernel_size == (3, 3, 3) and c.stride == (1, 1, 1) and c.dilation == (1, 1, 1) and c.groups == 1
+               and tuple(c._padding) == (1, 1, 1, 1, 2, 0) and supported(c.in_channels, x.device)
                for c in convs) and all(n.channel_first for n in (block.norm1, block.norm2))
 
 
@@ -61,14 +74,14 @@ def _history(feat_cache: list | None, feat_idx: list[int]) -> torch.Tensor | Non
         return None
     cached = feat_cache[feat_idx[0]]
     if cached is not None and cached.dtype != torch.uint8:
-        raise RuntimeError("the decoder's cache holds bf16 frames: an FP8 block cannot continue a stream it did not "
-                           "start (clear the cache first)")
+        raise RuntimeError("the decoder's cache holds bf16 frames: an FP8 block cannot continue a stream that a "
+                           "bf16 block started; reset the decoder first")
     return cached
 
 
 def _remember(feat_cache: list | None, feat_idx: list[int], buffer: torch.Tensor) -> None:
     if feat_cache is not None:
-        feat_cache[feat_idx[0]] = formats.history(buffer)
+        feat_cache[feat_idx[0]] = formats.next_history(buffer)
         feat_idx[0] += 1
 
 

@@ -9,13 +9,14 @@ program holds a few whole pixels (all C channels) in registers.
 pixel of the padded buffer), the 27 taps are 27 row offsets, ``dt (H + 2)(W + 2) + dh (W + 2) + dw``, so the A
 tile of a K step is a plain [BLOCK_M, BLOCK_K] TMA load at a shifted row and nothing is gathered. Output rows run
 over the padded grid of the T output frames; rows in the border columns are computed and dropped by the
-epilogue (1.7-7% extra work at the decoder's sizes). The epilogue applies ``x_scale * w_scale[o]``, the bias and
+epilogue (0.9-7% extra work at the decoder's sizes). The epilogue applies ``x_scale * w_scale[o]``, the bias and
 the residual in float32 before one rounding. A persistent kernel, as ``nvfp4_gemm_decoded``'s TMA GEMM.
 Under Triton's interpreter the E4M3 bytes are decoded exactly to float32 and multiplied in float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -70,6 +71,10 @@ def norm_silu_fp8_triton(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tenso
         raise ValueError("norm_silu_fp8_triton needs x [B, T, H, W, C] contiguous (channels-last)")
     if c > 4096:
         raise ValueError(f"up to 4096 channels, got {c}")
+    if history is not None and (history.shape != (b, reference.HISTORY, h + 2, w + 2, c)
+                                or history.dtype != torch.uint8 or history.device != x.device):
+        raise ValueError(f"history must be uint8 [{b}, {reference.HISTORY}, {h + 2}, {w + 2}, {c}] on {x.device}, got "
+                         f"{history.dtype} {tuple(history.shape)} on {history.device}")
     buf = torch.empty(b, reference.HISTORY + t, h + 2, w + 2, c, dtype=torch.uint8, device=x.device)
     buf[:, reference.HISTORY:, 0] = 0
     buf[:, reference.HISTORY:, -1] = 0
@@ -84,10 +89,11 @@ def norm_silu_fp8_triton(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tenso
         block_c = triton.next_power_of_2(c)
         block_p = max(1, 4096 // block_c)
         has_beta = isinstance(beta, torch.Tensor)
-        _norm_silu_fp8_kernel[(triton.cdiv(pixels, block_p),)](
-            x, gamma.reshape(-1), beta.reshape(-1) if has_beta else gamma, buf, pixels, c, t, h, w,
-            float(norm_scale), float(x_scale), BLOCK_P=block_p, BLOCK_C=block_c,
-            SILU=silu, HAS_BETA=has_beta, HW=not interpreting(), num_warps=4)
+        with _on(x.device):
+            _norm_silu_fp8_kernel[(triton.cdiv(pixels, block_p),)](
+                x, gamma.reshape(-1), beta.reshape(-1) if has_beta else gamma, buf, pixels, c, t, h, w,
+                float(norm_scale), float(x_scale), BLOCK_P=block_p, BLOCK_C=block_c,
+                SILU=silu, HAS_BETA=has_beta, HW=not interpreting(), num_warps=4)
     return buf
 
 
@@ -143,7 +149,7 @@ def _block_shapes(nargs: dict) -> None:
     nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): FP8 tiles of 128 bytes along K; bench/vae_decode.py times them.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): FP8 tiles of 128 bytes along K; the autotuner picks per shape.
 _CONFIGS = [
     (128, 256, 128, 3, 8),
     (128, 128, 128, 4, 8),
@@ -183,6 +189,10 @@ def fp8_conv3d_triton(buffer: torch.Tensor, w_codes: torch.Tensor, w_scale: torc
         raise ValueError(f"weights {tuple(w_codes.shape)} / scales {tuple(w_scale.shape)} do not fit {c} channels")
     if not supported(c, buffer.device):
         raise ValueError(f"the FP8 convolution cannot run {c} channels on {buffer.device}")
+    if buffer.dtype != torch.uint8 or not buffer.is_contiguous() or buffer.data_ptr() % 16:
+        raise ValueError("the buffer must be a contiguous, 16-byte aligned uint8 tensor (E4M3 bytes)")
+    if config is not None and c % config["BLOCK_K"]:
+        raise ValueError(f"BLOCK_K {config['BLOCK_K']} does not divide {c} channels")
     if residual is not None and (residual.shape != (b, t, h, w, o) or not residual.is_contiguous()):
         raise ValueError(f"residual must be contiguous [{b}, {t}, {h}, {w}, {o}], got {tuple(residual.shape)}")
     out = torch.empty(b, t, h, w, o, dtype=out_dtype, device=buffer.device)
@@ -200,11 +210,18 @@ def fp8_conv3d_triton(buffer: torch.Tensor, w_codes: torch.Tensor, w_scale: torc
             out if residual is None else residual, out, float(x_scale), b, t, h, w, o, c)
     flags = dict(NUM_SMS=slots, HAS_BIAS=bias is not None, HAS_RES=residual is not None, HW=hw, PROMOTE=promote)
     rows = t * hp * wp
-    if config is None:
-        def grid(meta):
-            return (min(slots, b * triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(o, meta["BLOCK_N"])),)
-        _fp8_conv3d_autotuned[grid](*descs, *rest, **flags)
-    else:
-        grid = (min(slots, b * triton.cdiv(rows, bm) * triton.cdiv(o, bn)),)
-        _fp8_conv3d_kernel[grid](*descs, *rest, **flags, **config)
+    with _on(buffer.device):
+        if config is None:
+            def grid(meta):
+                return (min(slots, b * triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(o, meta["BLOCK_N"])),)
+            _fp8_conv3d_autotuned[grid](*descs, *rest, **flags)
+        else:
+            grid = (min(slots, b * triton.cdiv(rows, bm) * triton.cdiv(o, bn)),)
+            _fp8_conv3d_kernel[grid](*descs, *rest, **flags, **config)
     return out
+
+
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make `device` current for a launch: Triton launches on the current CUDA device, not the tensors' (a
+    decode on a second GPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
