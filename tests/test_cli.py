@@ -75,14 +75,18 @@ def test_termination_signals_leave_no_partial_video(tmp_path, name):
     import signal
     import time
 
+    signum = getattr(signal, name)
+    # the signal's default disposition in the child, also where this run inherited SIG_IGN (under `nohup`, which
+    # generate rightly keeps)
     proc = subprocess.Popen([sys.executable, "-m", "longstream.cli", "generate", "--preset", "tiny", "--prompt", "x",
                              "--seconds", "600", "--width", "32", "--height", "32", "--quiet",
-                             "--output", str(tmp_path / "v.mp4")], stderr=subprocess.PIPE, text=True)
+                             "--output", str(tmp_path / "v.mp4")], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list(tmp_path.iterdir()) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.1)
     assert list(tmp_path.iterdir()), "the partial video never appeared"
-    proc.send_signal(getattr(signal, name))
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted" in err
     assert list(tmp_path.iterdir()) == []
