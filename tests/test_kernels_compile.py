@@ -210,5 +210,5 @@ def test_fp8_norm_quantize_compiles_with_hardware_cast() -> None:
     asm = compile_for_hopper(fp8_conv._norm_silu_fp8_kernel,
                              dict(x_ptr="bf16", gamma_ptr="bf16", beta_ptr="bf16", buf_ptr="u8"),
                              dict(BLOCK_P=4, BLOCK_C=1024, SILU=True, HAS_BETA=False, HW=True),
-                             floats=("norm_scale", "x_scale"))
+                             floats=("norm_scale", "inv_x_scale"))
     assert "cubin" in asm and "cvt.rn.satfinite.e4m3x2.f32" in asm["ptx"]

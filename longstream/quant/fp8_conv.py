@@ -4,10 +4,11 @@ reference twin of `kernels/fp8_conv.py`.
 A residual block runs ``norm -> SiLU -> conv`` twice. In FP8 the norm's output is written as E4M3 codes and the
 convolution multiplies E4M3 codes on FP8 tensor cores with float32 accumulation:
 
-- Activation codes: the norm + SiLU output divided by ONE static scale per norm, ``activation_bound / 448``. The
-  bound holds for every input (the normalised vector has unit length, so ``|y_c| <= sqrt(C) |gamma_c| + |b_c|``,
-  and SiLU is never below -0.279), so no amax pass is needed and nothing saturates; E4M3's range (2^-9..448) keeps
-  the typical values, ~1/sqrt(C) of the bound, in its normal range.
+- Activation codes: the norm + SiLU output times the float32 reciprocal of ONE static scale per norm,
+  ``x_scale = activation_bound / 448``. The bound holds for every input (the normalised vector has unit length,
+  so ``|y_c| <= sqrt(C) |gamma_c| + |b_c|``, and SiLU is never below -0.279), so no amax pass is needed and
+  nothing saturates; E4M3's range (2^-9..448) keeps the typical values, ~1/sqrt(C) of the bound, in its normal
+  range.
 - The padded input buffer: uint8 (the E4M3 bytes) ``[B, 2 + T, H + 2, W + 2, C]``, channels innermost. Frames
   0-1 are the causal history (the previous call's last two input frames, zeros at a stream's start), the
   spatial border is zeros; the convolution then needs no bounds checks: output pixel (t, h, w) reads buffer
@@ -90,7 +91,7 @@ def norm_silu_quantize_reference(x: torch.Tensor, gamma: torch.Tensor, beta: tor
                                  history: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [B, T, H, W, C] -> the padded buffer of its norm (+ SiLU) codes at scale `x_scale`."""
     y = norm_silu_reference(x, gamma, beta, norm_scale, silu)
-    return padded_buffer(e4m3_bytes((y / x_scale).clamp(-E4M3_MAX, E4M3_MAX)), history)
+    return padded_buffer(e4m3_bytes((y * (1.0 / x_scale)).clamp(-E4M3_MAX, E4M3_MAX)), history)
 
 
 def conv_reference(buffer: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, x_scale: float,

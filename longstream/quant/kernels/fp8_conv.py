@@ -34,7 +34,7 @@ HISTORY = tl.constexpr(reference.HISTORY)
 
 
 @triton.jit
-def _norm_silu_fp8_kernel(x_ptr, gamma_ptr, beta_ptr, buf_ptr, pixels, C, T, H, W, norm_scale, x_scale,
+def _norm_silu_fp8_kernel(x_ptr, gamma_ptr, beta_ptr, buf_ptr, pixels, C, T, H, W, norm_scale, inv_x_scale,
                           BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, SILU: tl.constexpr,
                           HAS_BETA: tl.constexpr, HW: tl.constexpr):
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -47,8 +47,8 @@ def _norm_silu_fp8_kernel(x_ptr, gamma_ptr, beta_ptr, buf_ptr, pixels, C, T, H, 
     if HAS_BETA:
         y += tl.load(beta_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     if SILU:
-        y = tl.math.div_rn(y, 1.0 + tl.exp(-y))
-    v = tl.minimum(tl.maximum(tl.math.div_rn(y, x_scale), -E4M3_MAX), E4M3_MAX)
+        y = y * tl.sigmoid(y)  # no IEEE division per element: the first version's two took twice the bf16 norm's time
+    v = tl.minimum(tl.maximum(y * inv_x_scale, -E4M3_MAX), E4M3_MAX)
     if HW:
         code = v.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
     else:
@@ -92,7 +92,7 @@ def norm_silu_fp8_triton(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tenso
         with _on(x.device):
             _norm_silu_fp8_kernel[(triton.cdiv(pixels, block_p),)](
                 x, gamma.reshape(-1), beta.reshape(-1) if has_beta else gamma, buf, pixels, c, t, h, w,
-                float(norm_scale), float(x_scale), BLOCK_P=block_p, BLOCK_C=block_c,
+                float(norm_scale), 1.0 / x_scale, BLOCK_P=block_p, BLOCK_C=block_c,
                 SILU=silu, HAS_BETA=has_beta, HW=not interpreting(), num_warps=4)
     return buf
 
