@@ -260,6 +260,8 @@ def test_activation_bound_holds_for_any_input():
     y = formats.norm_silu_reference(x, gamma, beta, c ** 0.5, silu=False)
     assert y.abs().max() <= bound * (1 + 1e-6)
     assert y.abs().max() >= 0.9 * bound  # and it is tight for one-hot inputs
+    assert formats.norm_silu_reference(x, gamma, beta, c ** 0.5, silu=True).abs().max() <= bound * (1 + 1e-6)
+    assert formats.activation_bound(torch.zeros(c), 0.0, c ** 0.5) == formats.SILU_MIN  # SiLU's negative floor
 
 
 @pytest.mark.gpu
