@@ -15,7 +15,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 rc=0
-steps=" ${STEPS:-gpu_tests kv_attention gemm fp8_conv vae_decode e2e_kv} "  # STEPS="gemm e2e_kv" runs only those
+# STEPS="gemm e2e_kv" runs only those; "video" (a 64-s video at 2 steps with the FP8 decoder, ~4 min) only when named
+steps=" ${STEPS:-gpu_tests kv_attention gemm fp8_conv vae_decode e2e_kv} "
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAME.log, remember a failure
   local name=$1 limit=$2 start=$SECONDS
   shift 2
@@ -30,6 +31,8 @@ step gemm 120 python3 bench/gemm.py --shapes 14080x14336x3072,7040x3072x3072 --o
 step fp8_conv 150 python3 bench/fp8_conv.py --out "$out/fp8_conv.json"
 step vae_decode 120 python3 bench/vae_decode.py --layers fused-cl,fused-cl-fp8 --cudnn-benchmark off \
   --json "$out/vae_decode.json"
+step video 300 python3 bench/video_e2e.py --preset wan2.2-ti2v-5b --seconds 64 --steps 2 --linear fp8 \
+  --vae-dtype fp8 --json "$out/video_e2e.json"
 step e2e_kv 240 python3 -m longstream.cli bench e2e --steps 4,2 --linear fp8 --kv-cache dense,fp8 --no-vae --quiet \
   --json "$out/e2e_kv.json"
 exit $rc
