@@ -28,7 +28,7 @@ from . import interpreting, patch_interpreter
 from .fp8_attention import _e4m3_value
 from .fp8_quant import E4M3_MAX, _e4m3_code
 from .nvfp4_gemm import _grouped_tile
-from .nvfp4_gemm_decoded import _autotuned, _program_slots
+from .nvfp4_gemm_decoded import _autotuned, _program_slots, tma_block_shapes
 
 HISTORY = tl.constexpr(reference.HISTORY)
 
@@ -143,12 +143,6 @@ def _fp8_conv3d_kernel(x_desc, w_desc, w_scale_ptr, bias_ptr, res_ptr, out_ptr, 
         tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _block_shapes(nargs: dict) -> None:
-    """Autotune pre-hook: the descriptors' tile shapes follow the config being launched."""
-    nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
-    nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
-
-
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): FP8 tiles of 128 bytes along K; the autotuner picks per shape.
 _CONFIGS = [
     (128, 256, 128, 3, 8),
@@ -156,7 +150,7 @@ _CONFIGS = [
     (128, 256, 64, 4, 8),
     (128, 128, 128, 3, 4),
 ]
-_fp8_conv3d_autotuned = _autotuned(_fp8_conv3d_kernel, _CONFIGS, _block_shapes,
+_fp8_conv3d_autotuned = _autotuned(_fp8_conv3d_kernel, _CONFIGS, tma_block_shapes("x_desc", "w_desc"),
                                    key=("B", "T", "H", "W", "N", "C"))
 INTERPRET_CONFIG = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1)
 GPU_ALIGN = 128  # channels a multiple of every config's BLOCK_K

@@ -22,7 +22,7 @@ never written or read.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -128,12 +128,15 @@ def _autotuned(kernel, configs: list[tuple], pre_hook=None, key: tuple[str, ...]
 _scaled_gemm_autotuned = _autotuned(_scaled_gemm_kernel, _CONFIGS)
 
 
-def _tma_block_shapes(nargs: dict) -> None:
-    """Autotune pre-hook: the descriptors' tile shapes follow the config being launched. The descriptors are made
-    per call, so only Triton's autotuner state is shared between threads (a race would mismatch a tile shape and
-    fail the launch, not compute a wrong product)."""
-    nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
-    nargs["b_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+def tma_block_shapes(a_desc: str, b_desc: str) -> Callable[[dict], None]:
+    """Autotune pre-hook for a TMA GEMM whose descriptor arguments are named `a_desc` ([M, K] tiles) and `b_desc`
+    ([N, K] tiles): their tile shapes follow the config being launched. The descriptors are made per call, so only
+    Triton's autotuner state is shared between threads (a race would mismatch a tile shape and fail the launch, not
+    compute a wrong product)."""
+    def hook(nargs: dict) -> None:
+        nargs[a_desc].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+        nargs[b_desc].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+    return hook
 
 
 # Persistent TMA candidates (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); bench/gemm.py records the one
@@ -145,7 +148,7 @@ _TMA_CONFIGS = [
     (128, 128, 64, 5, 8),
     (128, 128, 128, 3, 8),
 ]
-_scaled_gemm_tma_autotuned = _autotuned(_scaled_gemm_tma_kernel, _TMA_CONFIGS, _tma_block_shapes)
+_scaled_gemm_tma_autotuned = _autotuned(_scaled_gemm_tma_kernel, _TMA_CONFIGS, tma_block_shapes("a_desc", "b_desc"))
 SCALED_GEMM_KERNELS = ("pointer", "tma")
 
 
