@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from _links import link_to_existing_file
 from longstream.cli import main
 from longstream.pipeline.video_io import read_video_info
 
@@ -189,11 +190,7 @@ def test_bad_input_gives_one_line_and_no_output(tmp_path, case, capsys):
 
 def test_generate_writes_through_a_symlinked_output(tmp_path):
     """The file a symlinked --output points to is replaced; the link stays a link."""
-    target = tmp_path / "videos" / "v.mp4"
-    target.parent.mkdir()
-    target.write_bytes(b"previous video")
-    link = tmp_path / "v.mp4"
-    link.symlink_to(target)
+    link, target = link_to_existing_file(tmp_path, "videos", "v.mp4", "v.mp4")
     assert main(["generate", "--preset", "tiny", "--prompt", "a red ball", "--seconds", "0.5", "--output", str(link),
                  "--quiet", "--width", "32", "--height", "32"]) == 0
     assert link.is_symlink() and read_video_info(target)[0] == 8

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _links import link_to_existing_file
 from longstream.cli import main
 from longstream.errors import UsageError
 from longstream.paths import output_file
@@ -18,11 +19,7 @@ WORLD = dict(clips=5, frames=9, size=32, stats_clips=5, batch=2, progress=False)
 
 
 def test_save_atomic_writes_through_a_symlink(tmp_path):
-    target = tmp_path / "store" / "m.safetensors"
-    target.parent.mkdir()
-    target.write_bytes(b"old")
-    link = tmp_path / "m.safetensors"
-    link.symlink_to(target)
+    link, target = link_to_existing_file(tmp_path, "store", "m.safetensors", "m.safetensors")
     save_atomic({"w": torch.ones(2)}, link)
     assert link.is_symlink() and link.resolve() == target
     assert [p.name for p in target.parent.iterdir()] == ["m.safetensors"]  # no temp file left

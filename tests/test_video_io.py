@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _links import link_to_existing_file
 from longstream.pipeline import video_io
 from longstream.pipeline.video_io import StreamingMP4Writer, frames_to_uint8, read_frames, read_video_info
 
@@ -102,11 +103,7 @@ def test_existing_target_survives_failed_write_and_is_replaced_on_success(tmp_pa
 def test_a_symlink_is_written_through(tmp_path):
     """A symlinked output: the file it points to is replaced (atomically, its folder holds no temp file) and the
     link stays a link."""
-    target = tmp_path / "store" / "video.mp4"
-    target.parent.mkdir()
-    target.write_bytes(b"previous video")
-    link = tmp_path / "link.mp4"
-    link.symlink_to(target)
+    link, target = link_to_existing_file(tmp_path, "store", "video.mp4", "link.mp4")
     with StreamingMP4Writer(link, fps=16) as writer:
         writer.write(_smooth_frames(2))
     assert link.is_symlink() and link.resolve() == target
