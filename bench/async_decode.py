@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 
 from longstream.config import get_preset
-from longstream.errors import UsageError
 from longstream.model.transformer import CausalWanTransformer
-from longstream.paths import output_file
+from longstream.paths import check_json_option
 from longstream.pipeline.stream import ShotPlan, StreamingGenerator
 from longstream.vae import StreamingDecoder, build_vae
 from longstream.vae.async_decode import AsyncDecoder
@@ -45,10 +44,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--out", default="bench/results/async_decode.json")
     a = p.parse_args()
-    try:
-        output_file(a.out, ".json", "--out")  # before any work: a bad path fails now, in one line
-    except UsageError as exc:
-        p.error(str(exc))
+    check_json_option(p, a.out, "--out")  # before any work
     preset = get_preset(a.preset)
     stream = dataclasses.replace(preset.stream, steps=a.steps)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from longstream import fused
-from longstream.errors import UsageError
-from longstream.paths import output_file
+from longstream.paths import check_json_option
 from longstream.quant import fp8_conv as formats
 from longstream.vae.fast import channel_rms_norm
 
@@ -113,11 +112,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--out", default=None, help="write the results here (JSON)")
     a = p.parse_args()
-    if a.out:
-        try:
-            output_file(a.out, ".json", "--out")
-        except UsageError as exc:
-            p.error(str(exc))
+    check_json_option(p, a.out, "--out")  # before any work
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU (Hopper: TMA and FP8 tensor cores)")
     if a.shapes == "all":

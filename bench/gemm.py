@@ -39,8 +39,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from longstream.errors import UsageError  # noqa: E402 (after the path insert)
-from longstream.paths import output_file  # noqa: E402
+from longstream.paths import check_json_option  # noqa: E402 (after the path insert)
 
 SHAPES: List[Tuple[int, int, int]] = [(m, n, k) for m in (7040, 14080)
                                       for (n, k) in ((3072, 3072), (14336, 3072), (3072, 14336))]
@@ -172,10 +171,7 @@ def main() -> None:
     p.add_argument("--tune", action="store_true", help="also sweep the fused GEMM's configs")
     p.add_argument("--shapes", default="", help="comma list of MxNxK (default: the 5B model's six)")
     args = p.parse_args()
-    try:
-        output_file(args.out, ".json", "--out")  # before any work: a bad path fails now, in one line
-    except UsageError as exc:
-        p.error(str(exc))
+    check_json_option(p, args.out, "--out")  # before any work
     if not torch.cuda.is_available():
         sys.exit("bench/gemm.py needs a CUDA GPU")
     import triton

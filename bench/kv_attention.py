@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from longstream.errors import UsageError
 from longstream.model.kv_cache import DenseKVStorage
-from longstream.paths import output_file
+from longstream.paths import check_json_option
 from longstream.quant.kernels.fp8_attention import fp8_attention
 from longstream.quant.kernels.kv_attention import nvfp4_kv_attention
 from longstream.quant.kv_storage import FP8KVStorage, NVFP4KVStorage
@@ -51,10 +50,7 @@ def main() -> None:
                    help="FP8 attention launch settings, BLOCK_MxBLOCK_NxWARPSxSTAGES, comma list")
     p.add_argument("--out", default="bench/results/kv_attention.json")
     a = p.parse_args()
-    try:
-        output_file(a.out, ".json", "--out")  # before any work: a bad path fails now, in one line
-    except UsageError as exc:
-        p.error(str(exc))
+    check_json_option(p, a.out, "--out")  # before any work
     dev = torch.device("cuda")
     keys = a.frames * a.tokens_per_frame
     gen = torch.Generator(device=dev).manual_seed(0)

@@ -20,11 +20,10 @@ import argparse
 import json
 from pathlib import Path
 
-from longstream.errors import UsageError
 from longstream.model.attention import teacher_forcing_mask
 from longstream.parallel.balanced_sp import make_layout
 from longstream.parallel.ulysses import attention_bytes_sent, even_splits
-from longstream.paths import output_file
+from longstream.paths import check_json_option
 
 
 def training_rows(frames: int, chunk: int, world: int, tokens: int, heads: int, head_dim: int,
@@ -82,11 +81,7 @@ def main() -> None:
     p.add_argument("--passes", type=int, default=5)
     p.add_argument("--out", default=None, help="write the tables as JSON here")
     a = p.parse_args()
-    if a.out:
-        try:
-            output_file(a.out, ".json", "--out")  # before any work: a bad path fails now, in one line
-        except UsageError as exc:
-            p.error(str(exc))
+    check_json_option(p, a.out, "--out")  # before any work
 
     train = [row for f in a.clips for w in a.sp
              for row in training_rows(f, a.chunk, w, a.tokens_per_frame, a.heads, a.head_dim, a.layers)]

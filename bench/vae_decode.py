@@ -35,10 +35,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from longstream.config import get_preset
-from longstream.errors import UsageError
 from longstream.vae import StreamingDecoder, build_vae
 from longstream.fused import fusion
-from longstream.paths import output_file
+from longstream.paths import check_json_option
 from longstream.vae.fast import FastResidualBlock, accelerate
 
 LAYERS = ("plain", "fast", "fused", "fused-cl", "fused-cl-3x3", "fused-cl-nofold", "fused-cl-fp8")
@@ -98,11 +97,7 @@ def main() -> None:
     p.add_argument("--base-dim", type=int, default=0, help="the VAE's base channels (default: the preset's)")
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args()
-    if a.json:
-        try:
-            output_file(a.json, ".json", "--json")  # before any work: a bad path fails now, in one line
-        except UsageError as exc:
-            p.error(str(exc))
+    check_json_option(p, a.json, "--json")  # before any work
     layers = a.layers.split(",")
     if any(x not in LAYERS for x in layers):
         p.error(f"--layers takes {', '.join(LAYERS)}")

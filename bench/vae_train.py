@@ -30,8 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from longstream.devices import resolve_device
-from longstream.errors import UsageError
-from longstream.paths import output_file
+from longstream.paths import check_json_option
 from longstream.train.trainer import TrainConfig, make_trainer
 from longstream.train.vae_objective import vae_loss, world_videos
 
@@ -99,11 +98,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args()
-    if a.json:
-        try:
-            output_file(a.json, ".json", "--json")  # before any work: a bad path fails now, in one line
-        except UsageError as exc:
-            p.error(str(exc))
+    check_json_option(p, a.json, "--json")  # before any work
     if a.steps < 1 or a.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     if "bf16" in a.precision.split(",") and resolve_device(a.device).type != "cuda":

@@ -30,8 +30,7 @@ import torch
 
 from longstream.bench.report import num, render_table
 from longstream.devices import resolve_device
-from longstream.errors import UsageError
-from longstream.paths import output_file
+from longstream.paths import check_json_option
 from longstream.pipeline.generate import GenerateRequest, Generation, prepare, write_video
 from longstream.pipeline.video_io import read_video_info
 
@@ -95,11 +94,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="write the results here (rewritten after every row)")
     a = p.parse_args()
-    if a.json:
-        try:
-            output_file(a.json, ".json", "--json")  # before any work: a bad path fails now, in one line
-        except UsageError as exc:
-            p.error(str(exc))
+    check_json_option(p, a.json, "--json")  # before any work
     device = resolve_device(a.device)
     async_decode = None if a.async_decode is None else a.async_decode == "on"
     base = GenerateRequest(output="", preset=a.preset, prompts=[a.prompt], device=str(device), progress=False,

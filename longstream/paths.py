@@ -6,6 +6,7 @@ it points to (`final_path`), so the link stays a link and its file is replaced a
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -34,6 +35,16 @@ def output_file(path: str | os.PathLike, suffix: str | None = None, what: str = 
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"{what} {out}: folder {folder} is not writable")
     return out
+
+
+def check_json_option(parser: argparse.ArgumentParser, path: str | None, option: str) -> None:
+    """A script's JSON output option checked before any work (`output_file`): a path that cannot be written ends
+    the script at once with argparse's one-line error. None (the option not given) passes."""
+    if path:
+        try:
+            output_file(path, ".json", option)
+        except UsageError as exc:
+            parser.error(str(exc))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

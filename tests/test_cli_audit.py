@@ -104,6 +104,7 @@ def test_unreadable_world_settings_are_one_line(tmp_path, capsys):
 
 BENCH = {  # script: cheap arguments besides the output path (the check must come before any of the work)
     "async_decode": ["--preset", "tiny", "--chunks", "1", "--steps", "1", "--out"],
+    "fp8_conv": ["--shapes", "256,256,1,4,4", "--out"],
     "gemm": ["--shapes", "64x64x64", "--out"],
     "kv_attention": ["--out"],
     "sp_inference": ["--preset", "tiny", "--device", "cpu", "--json"],
