@@ -7,7 +7,9 @@ it points to (`final_path`), so the link stays a link and its file is replaced a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import UsageError
@@ -47,15 +49,23 @@ def check_json_option(parser: argparse.ArgumentParser, path: str | None, option:
             parser.error(str(exc))
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` (UTF-8) to a hidden file beside `final_path(path)`, fsync it and rename it onto the target."""
-    path = final_path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+@contextlib.contextmanager
+def atomic_replace(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields the hidden file to write in place of `path` (beside `final_path(path)`, named after the process, so
+    concurrent writers do not collide); on leaving the block without an error it is renamed onto the target, and in
+    every case no temporary file is left behind."""
+    target = final_path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(path)
+        yield tmp
+        tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8) to a hidden file beside `final_path(path)`, fsync it and rename it onto the target."""
+    with atomic_replace(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())

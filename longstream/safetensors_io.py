@@ -2,7 +2,7 @@
 
 `save_atomic` writes to a hidden temporary file beside the target (named after the process, so concurrent writers
 do not collide), fsyncs it and renames it, so a crash never leaves a half-written file under the final name; a
-symlink's file is replaced, the link kept (`paths.final_path`). `load` returns (tensors, metadata) and
+symlink's file is replaced, the link kept (`paths.atomic_replace`). `load` returns (tensors, metadata) and
 `read_format` a file's `longstream_format` from its header alone; both turn every failure (missing, truncated or
 foreign file) into the caller's one-line error type, naming the file. `holds` says what a format holds, in words.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .paths import final_path
+from .paths import atomic_replace
 
 # what each longstream_format holds, for messages (the formats are defined beside their readers)
 _HOLDS = {"transformer/1": "a transformer checkpoint", "quantized/1": "quantized transformer weights",
@@ -24,16 +24,11 @@ _HOLDS = {"transformer/1": "a transformer checkpoint", "quantized/1": "quantized
 def save_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
-    path = final_path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
+    with atomic_replace(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         tmp.chmod(0o666 & ~_umask())  # safetensors writes 0600; a new file gets the usual mode
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _umask() -> int:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import html
 import json
-import os
 import re
 from pathlib import Path
 from typing import Sequence
@@ -30,6 +29,7 @@ from typing import Sequence
 import torch
 
 from ..errors import LongstreamError
+from ..paths import write_text_atomic
 from ..safetensors_io import load, save_atomic
 
 CACHE_FORMAT = "prompt-embedding/1"
@@ -57,15 +57,6 @@ def _locate(path: Path, tokenizer: Path | None) -> tuple[Path, Path]:
     if not tokenizer.is_dir():
         raise TextEncoderError(f"{tokenizer}: no such tokenizer folder")
     return encoder, tokenizer
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _file_digest(path: Path) -> str:
@@ -130,7 +121,7 @@ class UMT5Encoder:
                     memo[key] = _file_digest(path)
                 digest.update(f"{path.name}:{memo[key]}\n".encode())
             if memo_path is not None:
-                _write_text_atomic(memo_path, json.dumps(memo, indent=0, sort_keys=True))
+                write_text_atomic(memo_path, json.dumps(memo, indent=0, sort_keys=True))
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
 
