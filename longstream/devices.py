@@ -22,3 +22,9 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UsageError(f"device {name} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return device
+
+
+def has_tma(device: torch.device) -> bool:
+    """A CUDA device of compute capability 9.x or 10.x (Hopper, datacenter Blackwell): a TMA unit, FP8 tensor cores
+    and the ~228 KB of shared memory a block of the persistent TMA kernels needs (consumer Blackwell has ~99 KB)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in (9, 10)

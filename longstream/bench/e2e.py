@@ -98,7 +98,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from ..config import Preset, StreamConfig, get_preset
-from ..devices import resolve_device
+from ..devices import has_tma, resolve_device
 from ..errors import UsageError
 from ..fused import fusion, serialized
 from ..model.fuse_qkv import fuse_qkv
@@ -274,8 +274,7 @@ def plan(req: E2ERequest) -> _Plan:
         raise UsageError("--decode-device needs the VAE (drop --no-vae)")
     if req.vae_dtype not in ("bf16", "fp8"):
         raise UsageError(f"--vae-dtype takes bf16 or fp8, got {req.vae_dtype!r}")
-    if req.vae_dtype == "fp8" and not (req.vae and decode_device.type == "cuda"
-                                       and torch.cuda.get_device_capability(decode_device)[0] in (9, 10)):
+    if req.vae_dtype == "fp8" and not (req.vae and has_tma(decode_device)):
         raise UsageError("--vae-dtype fp8 needs the VAE on a Hopper or datacenter Blackwell GPU")
     if req.compile is not None:
         _check_compile(req.compile, device)

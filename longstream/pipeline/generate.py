@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKLWan
 
 from ..config import Preset, StreamConfig, get_preset
-from ..devices import resolve_device
+from ..devices import has_tma, resolve_device
 from ..errors import UsageError
 from ..model.fuse_qkv import fuse_qkv
 from ..model.transformer import CausalWanTransformer
@@ -243,8 +243,7 @@ def prepare(req: GenerateRequest, models: Models | None = None) -> Generation:
         raise UsageError("--attention fp8 needs FP8 tensor cores (compute capability 8.9 or newer); use bf16")
     _check_cache_fits(preset, stream, height, width, req.kv_cache, req.sp, device)
     decode_device = device if req.decode_device is None else resolve_device(req.decode_device)
-    if req.vae_dtype == "fp8" and not (decode_device.type == "cuda"
-                                      and torch.cuda.get_device_capability(decode_device)[0] in (9, 10)):
+    if req.vae_dtype == "fp8" and not has_tma(decode_device):
         raise UsageError(f"--vae-dtype fp8 needs a Hopper or datacenter Blackwell GPU to decode on (TMA and FP8 "
                          f"tensor cores), not {decode_device}; use bf16")
     models = models or load_models(req, preset, device, decode_device)

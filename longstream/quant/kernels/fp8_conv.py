@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .. import fp8_conv as reference
+from ...devices import has_tma
 from . import interpreting, patch_interpreter
 from .fp8_attention import _e4m3_value
 from .fp8_quant import E4M3_MAX, _e4m3_code
@@ -161,8 +162,7 @@ def supported(channels_in: int, device: torch.device) -> bool:
     and FP8 tensor cores) with C a multiple of 128; in the interpreter a multiple of 16."""
     if interpreting():
         return channels_in % INTERPRET_CONFIG["BLOCK_K"] == 0
-    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in (9, 10)
-            and channels_in % GPU_ALIGN == 0)
+    return has_tma(device) and channels_in % GPU_ALIGN == 0
 
 
 def fp8_conv3d_triton(buffer: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, x_scale: float,

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting
+from ...devices import has_tma
 from ..nvfp4 import NVFP4Tensor
 from .nvfp4_gemm import _grouped_tile, check_operands, nvfp4_dequantize_triton
 from .nvfp4_quant import nvfp4_quantize_decoded_triton
@@ -153,11 +154,8 @@ SCALED_GEMM_KERNELS = ("pointer", "tma")
 
 
 def default_kernel(device: torch.device) -> str:
-    """"tma" on Hopper and datacenter Blackwell (compute capability 9.x, 10.x: a TMA unit and the ~228 KB of
-    shared memory a block of its configs needs), else "pointer" (consumer Blackwell has ~99 KB)."""
-    if device.type != "cuda" or interpreting():
-        return "pointer"
-    return "tma" if torch.cuda.get_device_capability(device)[0] in (9, 10) else "pointer"
+    """"tma" where `devices.has_tma` (Hopper, datacenter Blackwell), else "pointer"."""
+    return "tma" if has_tma(device) and not interpreting() else "pointer"
 
 
 def _tma_ready(a: torch.Tensor, b: torch.Tensor) -> bool:
