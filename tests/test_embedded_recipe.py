@@ -451,3 +451,20 @@ def test_train_script_parses():
     """configs/embedded/train.sh is only run on the GPU machine: at least its syntax is checked here."""
     script = Path(__file__).resolve().parents[1] / "configs" / "embedded" / "train.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True).returncode == 0
+
+
+def test_export_writes_the_three_files_and_nothing_on_a_missing_input(tmp_path):
+    """`export_embedded` copies the LoRA and VAE byte for byte and leaves no hidden temporary file; a missing input
+    is named before anything is written."""
+    from longstream import assets
+
+    src = assets.EMBEDDED
+    out = tmp_path / "export"
+    assets.export_embedded(src / assets.TRANSFORMER, src / assets.LORA_2STEP, src / assets.VAE, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted([assets.TRANSFORMER, assets.LORA_2STEP, assets.VAE])
+    for name in (assets.LORA_2STEP, assets.VAE):
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        assets.export_embedded(src / assets.TRANSFORMER, tmp_path / "nope.safetensors", src / assets.VAE,
+                               tmp_path / "second")
+    assert not (tmp_path / "second").exists()

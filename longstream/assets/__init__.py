@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
+from ..paths import atomic_replace
 
 EMBEDDED = Path(__file__).parent / "embedded"
 TRANSFORMER = "transformer.safetensors"
@@ -43,6 +44,5 @@ def export_embedded(transformer: str | Path, lora: str | Path, vae: str | Path, 
     out.mkdir(parents=True, exist_ok=True)
     save_transformer(load_transformer(transformer, dtype=torch.bfloat16), out / TRANSFORMER)
     for src, name in ((lora, LORA_2STEP), (vae, VAE)):
-        tmp = out / f".{name}.partial"
-        shutil.copyfile(src, tmp)
-        tmp.replace(out / name)
+        with atomic_replace(out / name) as tmp:
+            shutil.copyfile(src, tmp)
