@@ -214,6 +214,25 @@ def test_cuda_bf16_training_runs_matmuls_in_bf16(tmp_path):
     assert next(trainer.model.parameters()).dtype == torch.float32
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("objective", ["teacher_forcing", "flow_matching"])
+def test_cuda_run_keeps_its_data_on_the_gpu_and_resumes_exactly(tmp_path, objective):
+    """Latents, prompts and noise stay on the GPU (drawn there from the step's seed), and a run split by a resume
+    repeats a straight run."""
+    straight = Trainer(config(tmp_path, objective=objective, device="cuda", steps=4, save_every=4, ema=0.9,
+                              output=str(tmp_path / "straight")))
+    reference = straight.run(progress=False)
+    latents, text = straight._micro_batches(0)[0]
+    assert latents.device.type == "cuda" and text.device.type == "cuda"
+    first = Trainer(config(tmp_path, objective=objective, device="cuda", steps=4, save_every=2, ema=0.9))
+    first.run(steps=2, progress=False)
+    second = Trainer(config(tmp_path, objective=objective, device="cuda", steps=4, save_every=2, ema=0.9))
+    assert second.resume() and second.step == 2
+    assert second.run(progress=False) == pytest.approx(reference[2:], rel=1e-5)
+    for e, s in zip(second.ema.parameters(), straight.ema.parameters()):
+        assert torch.allclose(e, s, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("objective", ["teacher_forcing", "flow_matching"])
 def test_activation_checkpointing_gives_the_same_step(tmp_path, objective):
     """Recomputing the blocks in the backward pass changes memory, not the loss or the gradients."""

@@ -27,7 +27,7 @@ from ..model.checkpoints import CheckpointError, read_safetensors
 from ..safetensors_io import save_atomic
 
 INDEX = "clips.jsonl"
-CACHE_BYTES = 2 << 30  # clip latents kept in memory per dataset (least recently used dropped first)
+CACHE_BYTES = 2 << 30  # clip latents kept on the dataset's device (least recently used dropped first)
 
 
 class DataError(LongstreamError):
@@ -61,7 +61,8 @@ def _shots(entry: object, where: str) -> list[dict]:
 
 
 class LatentClipDataset:
-    def __init__(self, root: str | Path, *, clip_frames: int, channels: int | None = None) -> None:
+    def __init__(self, root: str | Path, *, clip_frames: int, channels: int | None = None,
+                 device: torch.device | str = "cpu") -> None:
         self.root = Path(root)
         index = self.root / INDEX
         if not index.is_file():
@@ -88,7 +89,7 @@ class LatentClipDataset:
                     self.examples.append(Example(path, shot["prompt"].strip(), start))
         if not self.examples:
             raise DataError(f"{self.root}: no shot has {clip_frames} latent frames or more")
-        self.clip_frames = clip_frames
+        self.clip_frames, self.device = clip_frames, torch.device(device)
         self._files: OrderedDict[Path, torch.Tensor] = OrderedDict()  # least recently used first
         self._cached_bytes = 0
 
@@ -110,7 +111,7 @@ class LatentClipDataset:
         if ex.file in self._files:  # clip files are written once (atomically): a cached copy stays valid
             self._files.move_to_end(ex.file)
         else:
-            latents = read_safetensors(ex.file)[0]["latents"].float()
+            latents = read_safetensors(ex.file)[0]["latents"].float().to(self.device)
             self._files[ex.file] = latents
             self._cached_bytes += latents.nbytes
             while self._cached_bytes > CACHE_BYTES and len(self._files) > 1:

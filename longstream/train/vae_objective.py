@@ -45,9 +45,10 @@ DECODE_PIECE = 4  # latent frames per decoder call in training (decode_unclamped
 def draw_warm(stream_warmup: int, generator: torch.Generator) -> int:
     """Leading latent frames a step streams without gradient: 0 (the clip start) on half the steps, else uniform
     in 1..stream_warmup (always 0 when stream_warmup is 0)."""
-    if stream_warmup == 0 or float(torch.rand((), generator=generator)) < 0.5:
+    device = generator.device
+    if stream_warmup == 0 or float(torch.rand((), generator=generator, device=device)) < 0.5:
         return 0
-    return int(torch.randint(1, stream_warmup + 1, (), generator=generator))
+    return int(torch.randint(1, stream_warmup + 1, (), generator=generator, device=device))
 
 
 def world_videos(seed: int, step: int, micro: int, batch: int, frames: int, size: int, crop: int = 0,
