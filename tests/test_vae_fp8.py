@@ -271,6 +271,8 @@ def test_activation_bound_holds_for_any_input():
 def test_fp8_kernels_on_gpu_equal_the_reference(b, c, o):
     """Both kernels on the GPU against the reference: autotuned at the decoder's sizes, and with every config
     (batch 2, a history, a residual, an output-channel tail) at a small one."""
+    from triton.runtime.errors import OutOfResources
+
     from longstream.quant.kernels.fp8_conv import _CONFIGS, fp8_conv3d_triton, norm_silu_fp8_triton
 
     g = torch.Generator().manual_seed(c)
@@ -291,9 +293,43 @@ def test_fp8_kernels_on_gpu_equal_the_reference(b, c, o):
                          for bm, bn, bk, st, nw in _CONFIGS] if b > 1 else [])
     for config in configs:
         for promote in (True, False):
-            out = fp8_conv3d_triton(want_buf, wc, ws, scale, bias=bias, residual=residual, out_dtype=torch.float32,
-                                    config=config, promote=promote)
+            try:
+                out = fp8_conv3d_triton(want_buf, wc, ws, scale, bias=bias, residual=residual,
+                                        out_dtype=torch.float32, config=config, promote=promote)
+            except OutOfResources:  # 128 x 256 x 128 tiles in 3 stages: a float32 epilogue needs 272 KiB of shared
+                # memory (the decoder's bf16 one 176 KiB, tests/test_kernels_compile.py); the autotuner skips it
+                assert config is not None and config["BLOCK_N"] * config["BLOCK_K"] * config["num_stages"] > 2**16
+                continue
             err = ((out - want).norm() / want.norm()).item()
             # FP8 tensor cores sum with fewer mantissa bits than float32: 0.9-1.2e-4 measured with each K step
             # promoted, 1-2.4e-3 without (bench/RESULTS.md)
             assert err <= (3e-4 if promote else 5e-3), (config, promote, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in (9, 10),
+                    reason="needs a Hopper or datacenter Blackwell GPU")
+def test_fp8_streamed_decode_on_gpu_stays_near_float64():
+    """A streamed bf16 decode on the GPU with the FP8 residual blocks (the decoder's path: autotuned kernels,
+    without per-step promotion) stays within E4M3's rounding of diffusers' float64 decode on the CPU, and FP8 ran
+    (its blocks with 128-multiple channels: the error is above the bf16 decode's)."""
+    from longstream.vae import StreamingDecoder, build_vae
+    from longstream.vae.fast import accelerate
+
+    vae = build_vae("test-wan2.2", base_dim=128, seed=3)
+    g = torch.Generator().manual_seed(4)
+    for name, p in vae.decoder.named_parameters():
+        if name.endswith("gamma"):
+            p.data = torch.rand(p.shape, generator=g) + 0.5
+    z = torch.randn(1, 48, 3, 6, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = vae.double().decode(z.double()).sample.float()
+        errors = {}
+        for fp8 in (False, True):
+            fast = accelerate(build_vae("test-wan2.2", base_dim=128, seed=3), channels_last=True, fp8=fp8)
+            fast.load_state_dict(vae.float().state_dict())
+            decoder = StreamingDecoder(fast.to("cuda", torch.bfloat16), frames_per_call=2)
+            zc = z.to("cuda", torch.bfloat16)
+            out = torch.cat([decoder.decode(zc[:, :, :1]), decoder.decode(zc[:, :, 1:])], dim=2).float().cpu()
+            errors[fp8] = ((out - want).norm() / want.norm()).item()
+    assert errors[True] < 0.15 and errors[True] > 1.5 * errors[False], errors
