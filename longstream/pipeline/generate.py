@@ -120,8 +120,8 @@ def _pipeline_folder(req: GenerateRequest) -> str | None:
 
 def _vae(req: GenerateRequest, preset: Preset, device: torch.device) -> AutoencoderKLWan:
     """--vae (a longstream VAE file, or a diffusers VAE / pipeline folder), else the pipeline folder's VAE, the
-    shipped one for the embedded preset, or random weights; in --vae-dtype (default bf16 on CUDA, with
-    channels-last convolutions, fp32 elsewhere; fp8: bf16 with the residual blocks' convolutions in FP8)."""
+    shipped one for the embedded preset, or random weights; in --vae-dtype (default bf16 on CUDA, fp32 elsewhere;
+    fp8: bf16 with the residual blocks' convolutions in FP8), its convolutions channels-last on CUDA and CPU."""
     bf16 = (req.vae_dtype or ("bf16" if device.type == "cuda" else "fp32")) in ("bf16", "fp8")
     dtype = torch.bfloat16 if bf16 else torch.float32
     source = req.vae or _pipeline_folder(req)
@@ -140,7 +140,8 @@ def _vae(req: GenerateRequest, preset: Preset, device: torch.device) -> Autoenco
     if vae.config.z_dim != preset.transformer.in_channels:
         raise UsageError(f"the VAE has {vae.config.z_dim} latent channels but preset {preset.name}'s transformer "
                          f"takes {preset.transformer.in_channels}")
-    return accelerate(vae, channels_last=bf16 and device.type == "cuda", fp8=req.vae_dtype == "fp8")
+    channels_last = device.type == "cpu" or (bf16 and device.type == "cuda")
+    return accelerate(vae, channels_last=channels_last, fp8=req.vae_dtype == "fp8")
 
 
 def _text_encoder(req: GenerateRequest, preset: Preset, device: torch.device) -> TextEncoder:
