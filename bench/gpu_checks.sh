@@ -15,7 +15,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 rc=0
-# STEPS="gemm e2e_kv" runs only those; "video" (a 64-s video at 2 steps with the FP8 decoder, ~4 min) only when named
+# STEPS="gemm e2e_kv" runs only those; "video" (a 64-s video at 2 steps with the FP8 decoder, ~4 min) and
+# "train_step" (the embedded model's base and tf steps, ~1 min) only when named
 steps=" ${STEPS:-gpu_tests kv_attention gemm fp8_conv vae_decode e2e_kv} "
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAME.log, remember a failure
   local name=$1 limit=$2 start=$SECONDS
@@ -33,6 +34,8 @@ step vae_decode 120 python3 bench/vae_decode.py --layers fused-cl,fused-cl-fp8 -
   --json "$out/vae_decode.json"
 step video 300 python3 bench/video_e2e.py --preset wan2.2-ti2v-5b --seconds 64 --steps 2 --linear fp8 \
   --vae-dtype fp8 --json "$out/video_e2e.json"
+step train_step 120 python3 bench/train_step.py --stages base,tf --batch 64,128,256 --warmup 5 --steps 10 \
+  --json "$out/train_step.json"
 step e2e_kv 240 python3 -m longstream.cli bench e2e --steps 4,2 --linear fp8 --kv-cache dense,fp8 --no-vae --quiet \
   --json "$out/e2e_kv.json"
 exit $rc
