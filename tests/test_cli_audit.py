@@ -110,6 +110,7 @@ BENCH = {  # script: cheap arguments besides the output path (the check must com
     "sp_inference": ["--preset", "tiny", "--device", "cpu", "--json"],
     "sp_layout": ["--out"],
     "sp_training": ["--preset", "tiny", "--json"],
+    "train_step": ["--stages", "base", "--batch", "2", "--clips", "2", "--steps", "1", "--device", "cpu", "--json"],
     "vae_decode": ["--preset", "tiny", "--chunks", "1", "--layers", "plain", "--cudnn-benchmark", "off", "--json"],
     "vae_train": ["--device", "cpu", "--precision", "bf16", "--json"],
     "video_e2e": ["--preset", "tiny", "--seconds", "0.5", "--warmup-seconds", "0.5", "--steps", "4",
