@@ -151,7 +151,7 @@ def check_decode():
         for use_reference in (False, True):
             if use_reference:
                 kernels.norm_silu_fp8_triton = ref.norm_silu_quantize_reference
-                kernels.fp8_conv3d_triton = lambda *args, out_dtype, **kw: ref.conv_reference(*args, **kw)
+                kernels.fp8_conv3d_triton = lambda *args, out_dtype, promote, **kw: ref.conv_reference(*args, **kw)
             decoder = StreamingDecoder(vae, frames_per_call=2)
             outs.append(torch.cat([decoder.decode(z[:, :, :1]), decoder.decode(z[:, :, 1:])], dim=2))
     twin = ((outs[0] - outs[1]).norm() / outs[1].norm()).item()
