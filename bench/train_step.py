@@ -5,8 +5,8 @@ teacher forcing) at one `--batch` size, on a synthetic world: `--clips` clips of
 world stage writes them (16 channels, 17 latent frames of 16x16, one prompt of the world's grammar each), so no
 VAE or world run is needed. It runs `--warmup` steps, times `--steps` more, then profiles one step:
   - step s, examples/s: wall time per step and training examples (clips of the stage's `clip_frames`) a second;
-  - GPU busy: the summed time of the profiled step's device kernels over its wall time (well below 1 means the
-    host's launches and work set the pace, not the GPU);
+  - GPU busy: the summed time of the profiled step's device kernels over a timed (unprofiled) step's wall time
+    (the profiler slows the host, not the kernels; well below 1 means the host's launches and work set the pace);
   - host top: the three CPU operators with the most self time in the profiled step.
 
     python bench/train_step.py [--stages base,tf] [--batch 128,256] [--warmup 10] [--steps 20] [--json out.json]
@@ -83,7 +83,7 @@ def measure(cfg: TrainConfig, warmup: int, steps: int) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return dict(step_s=step_s, examples_per_s=cfg.batch_size / step_s, loss=sum(losses) / len(losses),
-                gpu_busy=kernels / wall if device.type == "cuda" else None, profiled_step_s=wall,
+                gpu_busy=kernels / step_s if device.type == "cuda" else None, profiled_step_s=wall,
                 host_top=host, peak_gib=peak,
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
 

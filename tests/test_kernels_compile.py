@@ -189,24 +189,27 @@ def test_kv_kernels_compile() -> None:
 
 
 @pytest.mark.parametrize("cfg", fp8_conv._CONFIGS)
-def test_fp8_conv_compiles_as_one_flattened_fp8_tma_pipeline(cfg: tuple) -> None:
+@pytest.mark.parametrize("promote", [True, False])
+def test_fp8_conv_compiles_as_one_flattened_fp8_tma_pipeline(cfg: tuple, promote: bool) -> None:
     """The VAE's FP8 implicit-GEMM convolution: one flattened loop, both E4M3 tiles by TMA (the taps are row
-    offsets of the A load), FP8 wgmma with each one overlapping the next step, each K step's sum promoted to the
-    float32 accumulator; its shared memory fits a Hopper block (a launch would fail, not fall back)."""
+    offsets of the A load), FP8 wgmma with each one overlapping the next step, with `promote` each K step's sum
+    promoted to the float32 accumulator; its shared memory fits a Hopper block (a launch would fail, not fall
+    back)."""
     bm, bn, bk, stages, warps = cfg
     asm = compile_for_hopper(
         fp8_conv._fp8_conv3d_kernel,
         dict(x_desc=f"tensordesc<fp8e4nv[{bm}, {bk}]>", w_desc=f"tensordesc<fp8e4nv[{bn}, {bk}]>", w_scale_ptr="fp32",
              bias_ptr="bf16", res_ptr="bf16", out_ptr="bf16"),
         dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, NUM_SMS=132, HAS_BIAS=True, HAS_RES=True, HW=True,
-             PROMOTE=True),
+             PROMOTE=promote),
         floats=("x_scale",), num_warps=warps, num_stages=stages)
     loop = first_loop(asm["ttgir"], holding="ttng.warp_group_dot ")
     assert "cubin" in asm and asm["shared"] <= HOPPER_SHARED_BYTES
     assert sum("async_tma_copy_global_to_local" in line for line in loop) == 2
     assert not any("scf.for" in line for line in loop[1:])
     dots = [line for line in loop if "ttng.warp_group_dot " in line]
-    assert dots and all("f8E4M3FN" in line and f"maxNumImpreciseAcc = {bk} " in line for line in dots)
+    imprecise = f"maxNumImpreciseAcc = {bk if promote else 2**30} "  # 2**30: never promoted
+    assert dots and all("f8E4M3FN" in line and imprecise in line for line in dots)
     assert any("pendings = 1" in line for line in loop if "warp_group_dot_wait" in line)
 
 

@@ -217,8 +217,8 @@ def test_cuda_bf16_training_runs_matmuls_in_bf16(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("objective", ["teacher_forcing", "flow_matching"])
 def test_cuda_run_keeps_its_data_on_the_gpu_and_resumes_exactly(tmp_path, objective):
-    """Latents, prompts and noise stay on the GPU (drawn there from the step's seed), and a run split by a resume
-    repeats a straight run."""
+    """A batch's latents and prompts are on the GPU (the noise is drawn there from the step's seed), and a run
+    split by a resume repeats a straight run."""
     straight = Trainer(config(tmp_path, objective=objective, device="cuda", steps=4, save_every=4, ema=0.9,
                               output=str(tmp_path / "straight")))
     reference = straight.run(progress=False)

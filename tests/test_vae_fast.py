@@ -48,6 +48,23 @@ def test_accelerated_decode_equals_plain_decode():
     assert torch.allclose(streamed, out, atol=1e-5)
 
 
+def test_channels_last_float32_cpu_encode_and_gradients_equal_diffusers():
+    """The CPU's channels-last path (oneDNN in the weights' layout, 1x1x1 convolutions following the input's):
+    encoding equals diffusers' encode, and a decode's loss has diffusers' gradients (CPU VAE training)."""
+    plain = build_vae("test-wan2.2", seed=6)
+    fast = accelerate(build_vae("test-wan2.2", seed=6), channels_last=True)
+    x = torch.randn(1, 3, 9, 32, 32)
+    with torch.no_grad():
+        ref = plain.encode(x).latent_dist.mean
+        out = fast.encode(x).latent_dist.mean
+    assert ref.abs().max() > 0.1 and (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+    z = torch.randn(1, 48, 3, 2, 2)
+    plain.decode(z).sample.square().mean().backward()
+    fast.decode(z).sample.square().mean().backward()
+    for (name, a), b in zip(plain.decoder.named_parameters(), fast.decoder.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-6), name
+
+
 def test_onednn_conv_serves_inference_and_training_on_float32_cpu(monkeypatch):
     calls = []
     real = torch.ops.aten.mkldnn_convolution

@@ -15,7 +15,7 @@ same noise. `--fusion on,off` runs the elementwise steps of the transformer bloc
 computes self-attention's q, k, v with one projection (`longstream.model.fuse_qkv`: one GEMM, one activation
 quantize) or three (nvfp4 linears stay unfused). Compute in bf16 on a GPU (float32 on a CPU). The VAE has random
 weights and decodes with `StreamingDecoder`, 4 latent frames a call as in `longstream generate`, in the compute
-dtype, channels-last on a GPU (as generate decodes there), on --decode-device if given (a second GPU, as the paper
+dtype, channels-last (as generate decodes on a GPU and a CPU), on --decode-device if given (a second GPU, as the paper
 decodes; the DiT's device otherwise).
 
 Per row, on a model built (and quantized, q/k/v-fused, compiled) once per linear format and q/k/v setting:
@@ -355,7 +355,7 @@ class _Bench:
             on = p.decode_device
             with torch.device(on):
                 vae = build_vae(p.preset.vae.kind, dtype=p.dtype)
-                self.vae = accelerate(vae, channels_last=on.type == "cuda", fp8=req.vae_dtype == "fp8")
+                self.vae = accelerate(vae, channels_last=on.type in ("cuda", "cpu"), fp8=req.vae_dtype == "fp8")
 
     def transformer(self, linear: str, compiled: bool = True, qkv: bool = False) -> CausalWanTransformer:
         """The preset's transformer with fixed random weights in `linear` format, q/k/v fused with `qkv`, compiled

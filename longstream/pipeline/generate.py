@@ -121,7 +121,8 @@ def _pipeline_folder(req: GenerateRequest) -> str | None:
 def _vae(req: GenerateRequest, preset: Preset, device: torch.device) -> AutoencoderKLWan:
     """--vae (a longstream VAE file, or a diffusers VAE / pipeline folder), else the pipeline folder's VAE, the
     shipped one for the embedded preset, or random weights; in --vae-dtype (default bf16 on CUDA, fp32 elsewhere;
-    fp8: bf16 with the residual blocks' convolutions in FP8), its convolutions channels-last on CUDA and CPU."""
+    fp8: bf16 with the residual blocks' convolutions in FP8), its convolutions channels-last on the CPU and in
+    bf16 / fp8 on CUDA."""
     bf16 = (req.vae_dtype or ("bf16" if device.type == "cuda" else "fp32")) in ("bf16", "fp8")
     dtype = torch.bfloat16 if bf16 else torch.float32
     source = req.vae or _pipeline_folder(req)

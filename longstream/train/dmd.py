@@ -45,8 +45,8 @@ from ..pipeline.schedule import few_step_sigmas
 
 
 def _randn(shape: Sequence[int], like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Float32 normal noise drawn on the generator's device (CPU by default), moved to `like`'s device/dtype, so a
-    seed gives the same numbers on any device."""
+    """Float32 normal noise drawn on the generator's device (CPU by default: then a seed gives the same numbers
+    whatever `like`'s device), moved to `like`'s device/dtype."""
     device = generator.device if generator is not None else "cpu"
     return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32).to(like)
 

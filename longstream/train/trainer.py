@@ -7,7 +7,8 @@
   encoded during the step, each SP rank encoding only its frames (`video_source.py`).
 - GEMM modes `bf16` | `fp8` | `nvfp4` (`quant.training.convert_for_training`), gradient accumulation, EMA.
 - Determinism: step k's batch and noise depend only on (seed, k), so a resumed run continues exactly where an
-  uninterrupted one would be.
+  uninterrupted one would be, on the same kind of device (the noise is drawn on the run's device: a CPU run and a
+  GPU run, or two GPU models, draw different numbers from one seed).
 - Checkpoints: `OUTPUT/checkpoints/step_XXXXXXXX/` with `model.safetensors`, `ema.safetensors` (when EMA is on),
   `optimizer.pt` and `state.json`. Each is written into a hidden `.step_XXXXXXXX.partial/` folder, fsynced and
   renamed into place, so a run killed mid-save leaves the previous checkpoint as the latest complete one.
@@ -334,8 +335,8 @@ class Trainer:
     def _text(self, prompts: list[str]) -> torch.Tensor:
         for p in prompts:
             if p not in self._text_cache:
-                self._text_cache[p] = self.text.encode([p])[0].to(self.device)
-        return torch.stack([self._text_cache[p] for p in prompts])
+                self._text_cache[p] = self.text.encode([p])[0]  # on the host: one entry per distinct prompt
+        return torch.stack([self._text_cache[p] for p in prompts]).to(self.device)
 
     def _micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The grad_accum micro-batches of `step` (batch_size examples each)."""

@@ -100,8 +100,8 @@ def residual_forward(block: torch.nn.Module, x: torch.Tensor, feat_cache: list |
                                       history=_history(feat_cache, feat_idx))
         _remember(feat_cache, feat_idx, buffer)
         codes, scales = weight_codes(conv)
-        # promote=False: the tensor cores' own accumulator over all K steps, 1-2e-3 error against FP8's ~2% rounding
-        # and 48 ms less a 5B chunk (bench/RESULTS.md)
+        # promote=False: the tensor cores' own accumulator over all K steps, 1.0-2.4e-3 error against FP8's ~2%
+        # rounding, and 58 ms less a 5B chunk (bench/RESULTS.md)
         y = fp8_conv3d_triton(buffer, codes, scales, x_scale, bias=conv.bias, residual=residual, out_dtype=x.dtype,
                               promote=False)
     return y.permute(0, 4, 1, 2, 3)

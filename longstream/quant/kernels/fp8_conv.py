@@ -152,7 +152,7 @@ _CONFIGS = [
     (128, 128, 128, 3, 4),
 ]
 _fp8_conv3d_autotuned = _autotuned(_fp8_conv3d_kernel, _CONFIGS, tma_block_shapes("x_desc", "w_desc"),
-                                   key=("B", "T", "H", "W", "N", "C"))
+                                   key=("B", "T", "H", "W", "N", "C", "PROMOTE"))
 INTERPRET_CONFIG = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1)
 GPU_ALIGN = 128  # channels a multiple of every config's BLOCK_K
 
