@@ -27,8 +27,8 @@ from ..model.checkpoints import CheckpointError, read_safetensors
 from ..safetensors_io import save_atomic
 
 INDEX = "clips.jsonl"
-CACHE_BYTES = 2 << 30  # clip latents kept on the dataset's device, a GPU in training (least recently used dropped
-# first): the embedded world's 2000 clips take 0.56 GB; host-side batches and their copies took ~15% of a GPU step
+CACHE_BYTES = 2 << 30  # clip latents kept on the dataset's device, a GPU in training, so batches are stacked there
+# (least recently used dropped first; the embedded world's 2000 clips take 0.56 GB)
 
 
 class DataError(LongstreamError):

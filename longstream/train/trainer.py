@@ -383,7 +383,7 @@ class Trainer:
 
     def train_step(self) -> float:
         step = self.step
-        # drawn on the run's device: on a GPU, noise drawn on the host and copied took ~a third of a base step
+        # drawn on the run's device: on a GPU, drawing it on the host was a step's largest host cost (bench/RESULTS.md)
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 1_000_003 + step)
         for group in self.opt.param_groups:
             group["lr"] = self._lr(step)
