@@ -77,6 +77,12 @@ def latent_statistics(vae: AutoencoderKLWan, clips: int, frames: int, size: int,
     return mean.tolist(), std.tolist()
 
 
+def _fast(vae: AutoencoderKLWan) -> AutoencoderKLWan:
+    """The VAE's fast path (same math, state dict unchanged), channels-last on the CPU (1.46x on 2 cores for the
+    world stage; its float32 CUDA run keeps cuDNN's NCDHW kernels, not measured channels-last)."""
+    return accelerate(vae, channels_last=next(vae.parameters()).device.type == "cpu")
+
+
 def build_world_dataset(vae_path: str | Path, out: str | Path, *, clips: int, frames: int, size: int = 128,
                         seed: int = 0, stats_clips: int = 64, batch: int = 16, device: str | torch.device = "cpu",
                         progress: bool = True) -> Path:
@@ -91,7 +97,7 @@ def build_world_dataset(vae_path: str | Path, out: str | Path, *, clips: int, fr
         raise DataError(f"{out} is a file, not a dataset folder")
     fresh = not (out / VAE_FILE).is_file()
     if fresh:  # load (and so check) the VAE before the folder is made and its settings fixed
-        vae = accelerate(load_vae(source, device=device))  # the CPU fast path (same math, state dict unchanged)
+        vae = _fast(load_vae(source, device=device))
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, {"vae": str(source.resolve()), "vae_bytes": source.stat().st_size,
                           "vae_mtime_ns": source.stat().st_mtime_ns, "frames": frames, "size": size, "seed": seed,
@@ -99,7 +105,7 @@ def build_world_dataset(vae_path: str | Path, out: str | Path, *, clips: int, fr
     if fresh:
         mean, std = latent_statistics(vae, stats_clips, frames, size, seed)
         save_vae(vae, out / VAE_FILE, latents_mean=mean, latents_std=std)
-    vae = accelerate(load_vae(out / VAE_FILE, device=device))
+    vae = _fast(load_vae(out / VAE_FILE, device=device))
     done = done_clips(out)
     with torch.no_grad(), tqdm(total=clips, unit="clip", disable=not progress, desc="encode") as bar:
         for first in range(0, clips, batch):
