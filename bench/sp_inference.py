@@ -53,11 +53,11 @@ from longstream.bench.e2e import (
     RowConfig,
     _Bench,
     _Clock,
-    _sync,
     _write_json,
     parse_list,
     plan,
 )
+from longstream.bench.timing import sync
 from longstream.bench.report import num, render_table
 from longstream.devices import resolve_device
 from longstream.errors import LongstreamError
@@ -176,7 +176,7 @@ def run_row(bench: _Bench, model, ctx: ParallelContext, steps: int, kv_exchange:
     count = p.request.chunks
     measured = range(p.first_measured, count)
     dit, comm, sent, gathered = [], [], [], []
-    _sync(dev)
+    sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     with timer.patched():
@@ -191,7 +191,7 @@ def run_row(bench: _Bench, model, ctx: ParallelContext, steps: int, kv_exchange:
             after = gen.shard.stats.bytes_sent if gen.shard else {}
             sent.append({k: after[k] - bytes_before.get(k, 0) for k in after})
             gathered.append(timer.gather_bytes - gather_before)
-    _sync(dev)
+    sync(dev)
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
 
     def mean(values: list[float]) -> float:

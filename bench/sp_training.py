@@ -40,7 +40,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from longstream.bench.e2e import _sync, _write_json, parse_list
+from longstream.bench.e2e import _write_json, parse_list
+from longstream.bench.timing import sync
 from longstream.bench.report import num, render_table
 from longstream.config import get_preset
 from longstream.errors import LongstreamError
@@ -118,15 +119,15 @@ def run_row(a: argparse.Namespace, ctx: ParallelContext, cfg, frames: int, layou
     row = Row(a, ctx, cfg, frames, layout, gemm)
     for i in range(a.warmup):
         row.step(i)
-    _sync(dev)
+    sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     times, loss = [], None
     for i in range(a.warmup, a.warmup + a.steps):
-        _sync(dev)
+        sync(dev)
         start = time.perf_counter()
         loss = row.step(i)
-        _sync(dev)
+        sync(dev)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
     per_rank = _gather(sum(times) / len(times))

@@ -15,7 +15,6 @@ VAE or world run is needed. It runs `--warmup` steps, times `--steps` more, then
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
 import json
 import random
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from longstream.bench.timing import release, sync, time_train_steps
 from longstream.paths import check_json_option
 from longstream.train.data import write_clip
 from longstream.train.trainer import TrainConfig, make_trainer
@@ -42,11 +42,6 @@ def synthetic_world(root: Path, clips: int) -> None:
     for i in range(clips):
         write_clip(root, f"clip_{i:05d}", torch.randn(LATENT_SHAPE, generator=gen),
                    [(random_scene(rng).prompt, 0, LATENT_SHAPE[1])])
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def profiled_step(trainer) -> tuple[float, float, list[tuple[str, float]]]:
@@ -67,24 +62,14 @@ def profiled_step(trainer) -> tuple[float, float, list[tuple[str, float]]]:
 def measure(cfg: TrainConfig, warmup: int, steps: int) -> dict:
     trainer = make_trainer(cfg)
     device = trainer.device
-    for _ in range(warmup):
-        trainer.train_step()
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    losses = [trainer.train_step() for _ in range(steps)]
-    sync(device)
-    step_s = (time.perf_counter() - start) / steps
+    timing = time_train_steps(trainer, warmup, steps)
+    step_s = timing.step_s
     wall, kernels, host = profiled_step(trainer)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     del trainer
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return dict(step_s=step_s, examples_per_s=cfg.batch_size / step_s, loss=sum(losses) / len(losses),
+    release(device)
+    return dict(step_s=step_s, examples_per_s=cfg.batch_size / step_s, loss=timing.mean_loss,
                 gpu_busy=kernels / step_s if device.type == "cuda" else None, profiled_step_s=wall,
-                host_top=host, peak_gib=peak,
+                host_top=host, peak_gib=timing.peak_gib,
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
 
 

@@ -19,7 +19,6 @@ device (`vae_autocast`).
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
 import json
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from longstream.bench.timing import release, time_train_steps
 from longstream.devices import resolve_device
 from longstream.paths import check_json_option
 from longstream.train.trainer import TrainConfig, make_trainer
@@ -60,31 +60,15 @@ def step_flops(trainer) -> float:
     return float(counter.get_total_flops())
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(cfg: TrainConfig, warmup: int, steps: int, count_flops: bool) -> dict:
     """Seconds per timed step, their mean loss, peak GPU memory, and (with `count_flops`) FLOPs per step."""
     trainer = make_trainer(cfg)
     device = trainer.device
     flops = step_flops(trainer) if count_flops else None
-    for _ in range(warmup):
-        trainer.train_step()
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    losses = [trainer.train_step() for _ in range(steps)]
-    sync(device)
-    seconds = (time.perf_counter() - start) / steps
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    del trainer  # the next variant starts from an empty GPU
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return dict(step_s=seconds, loss=sum(losses) / len(losses), peak_gib=peak, flops=flops,
+    timing = time_train_steps(trainer, warmup, steps)
+    del trainer
+    release(device)
+    return dict(step_s=timing.step_s, loss=timing.mean_loss, peak_gib=timing.peak_gib, flops=flops,
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
 
 

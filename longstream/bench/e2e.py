@@ -86,7 +86,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import json
 import math
 import sys
@@ -112,6 +111,7 @@ from ..vae.async_decode import AsyncDecoder
 from ..vae.fast import accelerate
 from .breakdown import LABEL, VAE, breakdown, label_attention, labels, top_kernels
 from .roofline import PEAK_TBPS, PEAK_TFLOPS, ChunkCost, ceiling, chunk_cost
+from .timing import release, sync
 
 KV_CACHES = ("dense", "fp8", "nvfp4")
 ON_OFF = {"on": True, "off": False}
@@ -301,11 +301,6 @@ def _check_compile(mode: str, device: torch.device) -> None:
 
 
 # -- timing helpers -------------------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class _Clock:
     """Marks on the generating stream without host syncs: CUDA events on a GPU, perf_counter on a CPU."""
 
@@ -401,13 +396,13 @@ class _Bench:
         on_gpu = self.p.device.type == "cuda"
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
         with labels(model, detail), profile(activities=activities) as prof:
-            _sync(self.p.device)
+            sync(self.p.device)
             start = time.perf_counter()
             latents = next(chunks).latents
             if decoder is not None:
                 with record_function(LABEL[VAE]):
                     _to_host(decoder.decode(latents))
-            _sync(self.p.device)
+            sync(self.p.device)
             wall = time.perf_counter() - start
         chunks.close()
         result: dict[str, Any] = breakdown(prof.events(), wall, on_gpu)
@@ -428,7 +423,7 @@ class _Bench:
         def sink(frames: torch.Tensor) -> None:
             deliveries.append((_to_host(frames), time.perf_counter()))
 
-        _sync(dev)
+        sync(dev)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         start = time.perf_counter()
@@ -448,7 +443,7 @@ class _Bench:
                     worker.submit(chunk.latents)
                 elif decoder is not None:
                     sink(decoder.decode(chunk.latents))
-        _sync(dev)
+        sync(dev)
         peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
         return _Stream([z.float().cpu() for z in latents], [clock.seconds(b, e) for b, e in zip(begins, ends)],
                        deliveries, start, peak)
@@ -547,7 +542,7 @@ def _run_rows(p: _Plan) -> dict[str, Any]:
     for i, row in enumerate(p.rows):
         if (row.linear, row.fuse_qkv) != built:
             model = None
-            _release(p.device)
+            release(p.device)
             model, built = bench.transformer(row.linear, qkv=row.fuse_qkv), (row.linear, row.fuse_qkv)
         out, latents = bench.row(model, row, refs.get(row.steps))
         if eager_refs and row.is_reference():
@@ -559,12 +554,6 @@ def _run_rows(p: _Plan) -> dict[str, Any]:
             print(f"[{i + 1}/{len(p.rows)}] {_describe(row)}: DiT {out['dit_fps']:.1f} FPS"
                   + (f", video {out['video_fps']:.1f} FPS" if out["video_fps"] is not None else ""), file=sys.stderr)
     return result
-
-
-def _release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _describe(row: RowConfig) -> str:
