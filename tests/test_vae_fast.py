@@ -48,6 +48,17 @@ def test_accelerated_decode_equals_plain_decode():
     assert torch.allclose(streamed, out, atol=1e-5)
 
 
+def test_channels_last_is_chosen_on_the_cpu_for_generate_and_the_world_stage():
+    from longstream.pipeline.generate import GenerateRequest, prepare
+    from longstream.vae.fast import channels_last_pays
+
+    assert channels_last_pays(build_vae("test-wan2.2", seed=0))
+    assert channels_last_pays(build_vae("test-wan2.2", seed=0, dtype=torch.bfloat16))
+    gen = prepare(GenerateRequest(output="unused.mp4", prompts=["a red circle stays still on a gray background"],
+                                  seconds=1, device="cpu", progress=False))
+    assert memory_format(gen.decoder.vae) == torch.channels_last_3d
+
+
 def test_channels_last_float32_cpu_encode_and_gradients_equal_diffusers():
     """The CPU's channels-last path (oneDNN in the weights' layout, 1x1x1 convolutions following the input's):
     encoding equals diffusers' encode, and a decode's loss has diffusers' gradients (CPU VAE training)."""

@@ -108,7 +108,7 @@ from ..pipeline.stream import ShotPlan, StreamingGenerator
 from ..quant.linear import MODES, quantize_model
 from ..vae import StreamingDecoder, build_vae
 from ..vae.async_decode import AsyncDecoder
-from ..vae.fast import accelerate
+from ..vae.fast import accelerate, channels_last_pays
 from .breakdown import LABEL, VAE, breakdown, label_attention, labels, top_kernels
 from .roofline import PEAK_TBPS, PEAK_TFLOPS, ChunkCost, ceiling, chunk_cost
 from .timing import release, sync
@@ -350,7 +350,7 @@ class _Bench:
             on = p.decode_device
             with torch.device(on):
                 vae = build_vae(p.preset.vae.kind, dtype=p.dtype)
-                self.vae = accelerate(vae, channels_last=on.type in ("cuda", "cpu"), fp8=req.vae_dtype == "fp8")
+                self.vae = accelerate(vae, channels_last=channels_last_pays(vae), fp8=req.vae_dtype == "fp8")
 
     def transformer(self, linear: str, compiled: bool = True, qkv: bool = False) -> CausalWanTransformer:
         """The preset's transformer with fixed random weights in `linear` format, q/k/v fused with `qkv`, compiled

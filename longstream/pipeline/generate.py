@@ -27,7 +27,7 @@ from ..text.encoders import HashTextEncoder, TextEncoder
 from ..vae import StreamingDecoder, build_vae
 from ..vae.async_decode import AsyncDecoder
 from ..vae.checkpoints import load_vae
-from ..vae.fast import accelerate
+from ..vae.fast import accelerate, channels_last_pays
 from .shots import ChunkPlan, Shot, load_shots, plan_chunks, shots_from_prompts
 from .stream import ShotPlan, StreamingGenerator
 
@@ -121,8 +121,8 @@ def _pipeline_folder(req: GenerateRequest) -> str | None:
 def _vae(req: GenerateRequest, preset: Preset, device: torch.device) -> AutoencoderKLWan:
     """--vae (a longstream VAE file, or a diffusers VAE / pipeline folder), else the pipeline folder's VAE, the
     shipped one for the embedded preset, or random weights; in --vae-dtype (default bf16 on CUDA, fp32 elsewhere;
-    fp8: bf16 with the residual blocks' convolutions in FP8), its convolutions channels-last on the CPU and in
-    bf16 / fp8 on CUDA."""
+    fp8: bf16 with the residual blocks' convolutions in FP8), its convolutions channels-last where that pays
+    (`channels_last_pays`: on the CPU, and in bf16 / fp8 on CUDA)."""
     bf16 = (req.vae_dtype or ("bf16" if device.type == "cuda" else "fp32")) in ("bf16", "fp8")
     dtype = torch.bfloat16 if bf16 else torch.float32
     source = req.vae or _pipeline_folder(req)
@@ -141,8 +141,7 @@ def _vae(req: GenerateRequest, preset: Preset, device: torch.device) -> Autoenco
     if vae.config.z_dim != preset.transformer.in_channels:
         raise UsageError(f"the VAE has {vae.config.z_dim} latent channels but preset {preset.name}'s transformer "
                          f"takes {preset.transformer.in_channels}")
-    channels_last = device.type == "cpu" or (bf16 and device.type == "cuda")
-    return accelerate(vae, channels_last=channels_last, fp8=req.vae_dtype == "fp8")
+    return accelerate(vae, channels_last=channels_last_pays(vae), fp8=req.vae_dtype == "fp8")
 
 
 def _text_encoder(req: GenerateRequest, preset: Preset, device: torch.device) -> TextEncoder:
