@@ -38,7 +38,8 @@ def test_one_tile_reference_is_the_documented_formula():
     s = e4m3(q / q_scale) @ store.k.float().transpose(-1, -2) * q_scale * ks[:, :, None] / math.sqrt(32)
     p = torch.exp(s - s.amax(-1, keepdim=True))
     v_ref = vs.amax(-1)[..., None, None]
-    want = e4m3(p * vs[:, :, None] / v_ref * P_SCALE) @ store.v.float() * v_ref / P_SCALE / p.sum(-1, keepdim=True)
+    values = store.v.float().transpose(-1, -2)  # the cache keeps them [B, H, D, S]
+    want = e4m3(p * vs[:, :, None] / v_ref * P_SCALE) @ values * v_ref / P_SCALE / p.sum(-1, keepdim=True)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -62,10 +63,11 @@ def test_visible_slots_hide_their_keys():
     visible = torch.tensor([True, False, True, False])
     got = fp8_attention_reference(q, store.k, store.k_scale, store.v, store.v_scale, 64, 16, visible, block_n=16)
     kept = FP8KVStorage(1, 2, 32, 32, torch.float32, "cpu", tokens_per_frame=16)  # only the visible frames
-    for name in ("k", "v", "k_scale", "v_scale"):
+    for name in ("k", "k_scale", "v_scale"):
         full = getattr(store, name)
         getattr(kept, name).copy_(full[:, :, [0, 2]] if name.endswith("scale") else
                                   torch.cat([full[:, :, :16], full[:, :, 32:48]], dim=2))
+    kept.v.copy_(torch.cat([store.v[..., :16], store.v[..., 32:48]], dim=3))  # values: tokens last
     want = fp8_attention_reference(q, kept.k, kept.k_scale, kept.v, kept.v_scale, 32, 16, block_n=16)
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-7)
 
@@ -154,7 +156,7 @@ def test_cache_with_fp8_attention_attends_from_the_codes_and_skips_empty_slots()
     assert 0 < float((got - exact).norm() / exact.norm()) < 0.06
     store = fp8.layers[0]
     store.k[:, :, :8] = (torch.randn(1, 2, 8, 32, generator=g) * 100).to(torch.float8_e4m3fn)  # the empty slot
-    store.v[:, :, :8] = store.k[:, :, :8]
+    store.v[..., :8] = store.k[:, :, :8].transpose(-1, -2)
     store.k_scale[:, :, 0] = store.v_scale[:, :, 0] = 7.0
     assert torch.equal(fp8.attend(0, q, k, v), got)
 

@@ -30,9 +30,10 @@ def check(b, h, frames, t, d, length_frames, dtype, device, seed):
     store.write(torch.arange(frames * t, device=device), k, v)
     fp8.write(torch.arange(frames * t, device=device), k, v)
     length = length_frames * t
-    for codes, gs in ((fp8.k, fp8.k_scale), (fp8.v, fp8.v_scale)):
-        got = fp8_kv_dequantize(codes, gs, length, t, dtype)
-        want = (codes[:, :, :length].float() * gs[:, :, :length_frames].repeat_interleave(t, 2)[..., None]).to(dtype)
+    for codes, gs, last in ((fp8.k, fp8.k_scale, False), (fp8.v, fp8.v_scale, True)):  # values: tokens last
+        got = fp8_kv_dequantize(codes, gs, length, t, dtype, tokens_last=last)
+        rows = codes[..., :length].transpose(-1, -2) if last else codes[:, :, :length]
+        want = (rows.float() * gs[:, :, :length_frames].repeat_interleave(t, 2)[..., None]).to(dtype)
         assert torch.equal(got, want), (got - want).abs().max()
     for codes, blocks, gs in ((store.k, store.k_block, store.k_scale), (store.v, store.v_block, store.v_scale)):
         got = nvfp4_kv_dequantize(codes, blocks, gs, length, t, dtype)
@@ -85,8 +86,8 @@ def check_write(b, h, slots, order, t, d, dtype, device, seed, nan=False):
     index = torch.cat([torch.arange(s * t, (s + 1) * t) for s in order]).to(device)
     got = FP8KVStorage(b, h, slots * t, d, dtype, device, tokens_per_frame=t)
     want = FP8KVStorage(b, h, slots * t, d, dtype, device, tokens_per_frame=t)
-    for x, codes, scale in ((k, got.k, got.k_scale), (v, got.v, got.v_scale)):
-        fp8_kv_write(x, index, codes, scale, t)
+    for x, codes, scale, last in ((k, got.k, got.k_scale, False), (v, got.v, got.v_scale, True)):
+        fp8_kv_write(x, index, codes, scale, t, tokens_last=last)
     want.write_reference(index, k, v)
     for name in ("k", "v", "k_scale", "v_scale"):
         a, w = getattr(got, name), getattr(want, name)

@@ -1,8 +1,9 @@
 """FP8 attention over an FP8 KV cache: both matmuls on E4M3 operands (reference twin of the Triton kernel
 `kernels.fp8_attention`).
 
-Operands (the `FP8KVStorage` layout): queries q [B, H, Sq, D] in the compute dtype; keys and values as E4M3 codes
-[B, H, S, D] with one float32 scale per (batch, head, frame slot) [B, H, S / T]; optionally `visible` [S / T]
+Operands (the `FP8KVStorage` layout): queries q [B, H, Sq, D] in the compute dtype; keys as E4M3 codes [B, H, S, D],
+values as E4M3 codes transposed, [B, H, D, S], each with one float32 scale per (batch, head, frame slot)
+[B, H, S / T]; optionally `visible` [S / T]
 (bool per frame slot: the cache's key mask). The first `length` cached tokens are attended to, unmasked otherwise.
 
 Math, flash-attention style over key tiles of `block_n` tokens (the tiling is part of the definition: P is
@@ -52,7 +53,7 @@ def fp8_attention_reference(q: torch.Tensor, k_codes: torch.Tensor, k_scale: tor
     qf = q.float()
     q_scale = qf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / E4M3_MAX
     q8 = quantize_e4m3(qf, q_scale)
-    k8, v8 = (c[:, :, :length].float() for c in (k_codes, v_codes))
+    k8, v8 = k_codes[:, :, :length].float(), v_codes[..., :length].transpose(-1, -2).float()
     ks, vs = (token_scales(s, length, tokens_per_frame) for s in (k_scale, v_scale))
     keep = torch.ones(length, dtype=torch.bool, device=q.device)
     if visible is not None:

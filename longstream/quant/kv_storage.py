@@ -3,8 +3,10 @@
 Both quantize on write, in place, and dequantize to the compute dtype on read. Scales follow the cache's unit,
 the latent frame: every (batch, head, frame slot) has one float32 scale, computed from that frame's keys (or
 values) of that head when the frame is written.
-- `fp8`:   e4m3 elements, scale = amax / 448 per (batch, head, frame). 1 byte per element (+ scales). It can
-  also be attended to directly, with both attention matmuls in FP8 (`FP8KVStorage.attend`).
+- `fp8`:   e4m3 elements, scale = amax / 448 per (batch, head, frame). 1 byte per element (+ scales). Keys are
+  stored [B, H, S, D], values transposed, [B, H, D, S] (tokens last): FP8 tensor cores take the second attention
+  matmul's operand only K-major, so the cache can be attended to directly, both matmuls in FP8, with every tile
+  streamed in by asynchronous copies (`FP8KVStorage.attend`).
 - `nvfp4`: the NVFP4 format of `longstream.quant.nvfp4` (1x16 blocks along head_dim, E4M3 block scales) with the
   per-(batch, head, frame) scale as its global scale amax / (6 * 448). 4.5 bits per element (+ scales): with
   head_dim 128 a token-head takes 72 bytes against 256 in bf16 (3.56x smaller).
@@ -22,7 +24,6 @@ from .fp8 import E4M3_MAX
 from .fp8_attention import fp8_attention_reference, token_scales
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
-
 
 
 class _FrameScaledStorage:
@@ -53,10 +54,12 @@ class _FrameScaledStorage:
 
 
 class FP8KVStorage(_FrameScaledStorage):
+    """`k` e4m3 [B, H, S, D]; `v` e4m3 [B, H, D, S] (tokens last); `k_scale`, `v_scale` float32 [B, H, S / T]."""
+
     def __init__(self, batch, heads, tokens, head_dim, dtype, device, tokens_per_frame: int = 1) -> None:
         super().__init__(batch, heads, tokens, head_dim, dtype, device, tokens_per_frame)
         self.k = torch.zeros(batch, heads, tokens, head_dim, dtype=torch.float8_e4m3fn, device=device)
-        self.v = torch.zeros_like(self.k)
+        self.v = torch.zeros(batch, heads, head_dim, tokens, dtype=torch.float8_e4m3fn, device=device)
 
     @staticmethod
     def quantize(frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,21 +69,33 @@ class FP8KVStorage(_FrameScaledStorage):
         q = (frames / scale[..., None, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
         return q, scale
 
+    def _parts(self):
+        """(codes, scales, tokens_last) of K and of V."""
+        return (self.k, self.k_scale, False), (self.v, self.v_scale, True)
+
+    @staticmethod
+    def _store_codes(store: torch.Tensor, index: torch.Tensor, codes: torch.Tensor, tokens_last: bool) -> None:
+        """codes uint8 [B, H, n, D] into the rows `index` of `store`."""
+        if tokens_last:
+            store.view(torch.uint8).index_copy_(3, index, codes.transpose(-1, -2))
+        else:
+            store.view(torch.uint8).index_copy_(2, index, codes)
+
     def write(self, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if k.is_cuda and _HAS_TRITON:  # one pass per frame, the same bytes as the eager path below
             from .kernels.kv_quant import fp8_kv_write
 
-            for x, store, scales in ((k, self.k, self.k_scale), (v, self.v, self.v_scale)):
-                fp8_kv_write(x, index, store, scales, self.tokens_per_frame)
+            for x, (store, scales, tokens_last) in zip((k, v), self._parts()):
+                fp8_kv_write(x, index, store, scales, self.tokens_per_frame, tokens_last=tokens_last)
             return
         self.write_reference(index, k, v)
 
     def write_reference(self, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """`write` in eager PyTorch ops (the Triton kernel's twin, and the path off CUDA)."""
-        for x, store, scales in ((k, self.k, self.k_scale), (v, self.v, self.v_scale)):
+        for x, (store, scales, tokens_last) in zip((k, v), self._parts()):
             slots, frames = self._frames(index, x)
             q, scale = self.quantize(frames)
-            store.view(torch.uint8).index_copy_(2, index, q.flatten(2, 3).view(torch.uint8))
+            self._store_codes(store, index, q.flatten(2, 3).view(torch.uint8), tokens_last)
             scales.index_copy_(2, slots, scale)
 
     def write_fields(self, index: torch.Tensor, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor]) -> None:
@@ -88,21 +103,22 @@ class FP8KVStorage(_FrameScaledStorage):
         scale [B, H, n_frames, 1]): the bytes a `write` of the original values would store, without a second
         quantization."""
         slots = self._slots(index)
-        for (payload, scale), store, scales in ((k, self.k, self.k_scale), (v, self.v, self.v_scale)):
-            store.view(torch.uint8).index_copy_(2, index, payload)
+        for (payload, scale), (store, scales, tokens_last) in zip((k, v), self._parts()):
+            self._store_codes(store, index, payload, tokens_last)
             scales.index_copy_(2, slots, scale[..., 0])
 
     def read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [B, H, length, D] in the compute dtype."""
         if self.k.is_cuda and _HAS_TRITON:  # one-pass Triton decode, bit-identical to the reference below
             from .kernels.kv_dequant import fp8_kv_dequantize
 
-            k, v = (fp8_kv_dequantize(c, s, length, self.tokens_per_frame, self.dtype)
-                    for c, s in ((self.k, self.k_scale), (self.v, self.v_scale)))
+            k, v = (fp8_kv_dequantize(c, s, length, self.tokens_per_frame, self.dtype, tokens_last=last)
+                    for c, s, last in self._parts())
             return k, v
         out = []
-        for store, scales in ((self.k, self.k_scale), (self.v, self.v_scale)):
-            s = self._scale_per_token(scales, length)[..., None]
-            out.append((store[:, :, :length].float() * s).to(self.dtype))
+        for store, scales, tokens_last in self._parts():
+            codes = store[..., :length].transpose(-1, -2) if tokens_last else store[:, :, :length]
+            out.append((codes.float() * self._scale_per_token(scales, length)[..., None]).to(self.dtype))
         return out[0], out[1]
 
     def attend(self, q: torch.Tensor, length: int, visible: torch.Tensor | None = None) -> torch.Tensor:

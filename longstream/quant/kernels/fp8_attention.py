@@ -2,9 +2,9 @@
 `longstream.quant.fp8_attention.fp8_attention_reference`).
 
 One program computes a BM x D output tile for one (batch x head) row: it quantizes its queries to E4M3 in
-registers (one scale per row), then for each BN-key tile reads the cached E4M3 codes of K and V and their frame
-scales, runs Q8 K8^T and P8 V8 on tensor cores with float32 accumulation (Hopper's FP8 wgmma, sm_89+), and keeps
-the online softmax in float32. Under Triton's interpreter (whose float8 casts are wrong for some values) the same
+registers (one scale per row), then for each BN-key tile reads the cached E4M3 codes of K and V (V's tile
+[D, BN], as the cache keeps the values tokens last) and their frame scales, runs Q8 K8^T and P8 V8 on tensor cores
+with float32 accumulation (Hopper's FP8 wgmma, sm_89+), and keeps the online softmax in float32. Under Triton's interpreter (whose float8 casts are wrong for some values) the same
 E4M3 values are made by integer arithmetic (`fp8_quant._e4m3_code`), decoded exactly and multiplied in float32.
 Divisions round to nearest (`div_rn`) as the reference's do, so results equal the reference up to summation
 order (and the rare probability that then rounds to the other E4M3 neighbour).
@@ -50,26 +50,30 @@ def _to_e4m3(x, HW: tl.constexpr):
 
 @triton.jit
 def _key_tile(q8, k_ptr, ks_ptr, v_ptr, vs_ptr, vis_ptr, bh, start, length, s_alloc, slots, tokens_per_frame, d,
-              score_scale, row_max, row_sum, acc, D: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr,
+              score_scale, row_max, row_sum, acc, D: tl.constexpr, BN: tl.constexpr, BOUNDS: tl.constexpr,
               HAS_VISIBLE: tl.constexpr, HW: tl.constexpr):
-    """One BN-key step of the online softmax; MASKED for the tail tile and hidden slots."""
+    """One BN-key step of the online softmax; BOUNDS masks the loads past `length` or D (the tail tile), and hidden
+    slots are masked in the scores only. K's tile is read [BN, D] and V's [D, BN] (the cache stores the values
+    tokens last): both are K-major operands of FP8 wgmma, so both stream in by asynchronous copies."""
     t = start + tl.arange(0, BN)
     slot = t // tokens_per_frame
-    offsets = (bh * s_alloc + t)[:, None] * D + d[None, :]
-    if MASKED:
-        ok = t < length
-        if HAS_VISIBLE:
-            ok = ok & (tl.load(vis_ptr + slot, mask=ok, other=0) != 0)
-        kv_ok = ok[:, None] & (d < D)[None, :]
-        k_codes = tl.load(k_ptr + offsets, mask=kv_ok, other=0.0)
-        v_codes = tl.load(v_ptr + offsets, mask=kv_ok, other=0.0)
-        k_scale = tl.load(ks_ptr + bh * slots + slot, mask=ok, other=0.0)
-        v_scale = tl.load(vs_ptr + bh * slots + slot, mask=ok, other=0.0)
+    k_where = (bh * s_alloc + t)[:, None] * D + d[None, :]
+    v_where = (bh * D + d)[:, None] * s_alloc + t[None, :]
+    keep = t < length  # all true unless BOUNDS
+    if BOUNDS:
+        d_ok = d < D
+        k_codes = tl.load(k_ptr + k_where, mask=keep[:, None] & d_ok[None, :], other=0.0)
+        v_codes = tl.load(v_ptr + v_where, mask=d_ok[:, None] & keep[None, :], other=0.0)
+        k_scale = tl.load(ks_ptr + bh * slots + slot, mask=keep, other=0.0)
+        v_scale = tl.load(vs_ptr + bh * slots + slot, mask=keep, other=0.0)
     else:
-        k_codes = tl.load(k_ptr + offsets)
-        v_codes = tl.load(v_ptr + offsets)
+        k_codes = tl.load(k_ptr + k_where)
+        v_codes = tl.load(v_ptr + v_where)
         k_scale = tl.load(ks_ptr + bh * slots + slot)
         v_scale = tl.load(vs_ptr + bh * slots + slot)
+    if HAS_VISIBLE:
+        keep = keep & (tl.load(vis_ptr + slot, mask=keep, other=0) != 0)
+        v_scale = tl.where(keep, v_scale, 0.0)
     if HW:  # E4M3 pointers: each load feeds its dot directly, so Triton pipelines it (async copies)
         k8 = k_codes
         v8 = v_codes
@@ -77,15 +81,15 @@ def _key_tile(q8, k_ptr, ks_ptr, v_ptr, vs_ptr, vis_ptr, bh, start, length, s_al
         k8 = _e4m3_value(k_codes)
         v8 = _e4m3_value(v_codes)
     s = tl.dot(q8, tl.trans(k8)) * score_scale[:, None] * k_scale[None, :]
-    if MASKED:
-        s = tl.where(ok[None, :], s, float("-inf"))
+    if BOUNDS or HAS_VISIBLE:
+        s = tl.where(keep[None, :], s, float("-inf"))
     new_max = tl.maximum(row_max, tl.max(s, axis=1))
     safe = tl.where(new_max == float("-inf"), 0.0, new_max)
     p = tl.exp2(s - safe[:, None])
     correction = tl.exp2(row_max - safe)
     v_ref = tl.maximum(tl.max(v_scale, axis=0), 1e-30)
     p8 = _to_e4m3(p * tl.math.div_rn(v_scale * P_SCALE, v_ref)[None, :], HW)
-    acc = acc * correction[:, None] + tl.dot(p8, v8) * (v_ref / P_SCALE)
+    acc = acc * correction[:, None] + tl.dot(p8, tl.trans(v8)) * (v_ref / P_SCALE)
     row_sum = row_sum * correction + tl.sum(p, axis=1)
     return new_max, row_sum, acc
 
@@ -108,8 +112,8 @@ def _fp8_attention_kernel(q_ptr, k_ptr, ks_ptr, v_ptr, vs_ptr, vis_ptr, out_ptr,
     row_max = tl.full((BM,), float("-inf"), tl.float32)
     row_sum = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, DP), tl.float32)
-    full = (length // BN) * BN  # keys of the tiles that need no mask
-    if HAS_VISIBLE or D != DP:
+    full = (length // BN) * BN  # keys of the tiles whose loads need no mask
+    if D != DP:
         full = 0
     for start in range(0, full, BN):
         row_max, row_sum, acc = _key_tile(q8, k_ptr, ks_ptr, v_ptr, vs_ptr, vis_ptr, bh, start, length, s_alloc,
@@ -128,15 +132,18 @@ def fp8_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor,
                   v_scale: torch.Tensor, length: int, tokens_per_frame: int, visible: torch.Tensor | None = None,
                   *, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                   num_stages: int | None = None) -> torch.Tensor:
-    """q [B, H, Sq, D]; codes [B, H, S, D] (E4M3 or their uint8 view), scales [B, H, S / T] float32, `visible`
+    """q [B, H, Sq, D]; K codes [B, H, S, D] and V codes [B, H, D, S] (E4M3 or their uint8 view; contiguous),
+    scales [B, H, S / T] float32, `visible`
     [S / T] bool (on q's device) or None: the arguments of `fp8_attention_reference`; q may be strided (the
     transformer's [B, S, H, D] transposed). Returns [B, H, Sq, D] in q's dtype, laid out as [B, Sq, H, D], as the
     transformer reads it back. Tiles and launch settings default to GPU_CONFIG (the interpreter: 64 x
     reference.BLOCK_N)."""
     patch_interpreter()
     b, h, sq, d = q.shape
-    if k_codes.shape[-1] != d or not 1 <= length <= k_codes.shape[2]:
-        raise ValueError(f"queries of head size {d} against cached codes {tuple(k_codes.shape)}, length {length}")
+    if (k_codes.shape[-1] != d or not 1 <= length <= k_codes.shape[2]
+            or tuple(v_codes.shape) != (*k_codes.shape[:2], d, k_codes.shape[2])):
+        raise ValueError(f"queries of head size {d} against cached codes K {tuple(k_codes.shape)}, "
+                         f"V {tuple(v_codes.shape)} (tokens last), length {length}")
     hw = not interpreting()
     if hw and torch.cuda.get_device_capability(q.device) < (8, 9):
         raise RuntimeError("FP8 attention needs E4M3 tensor cores (compute capability 8.9 or newer)")

@@ -3,7 +3,7 @@
 
 Input layout (as `quant/kv_storage.py` keeps it), per (batch x head) row `bh` of S allocated tokens:
 - NVFP4: codes uint8 [BH, S, D/2] (low nibble first), E4M3 block scales as uint8 [BH, S, D/16];
-- FP8:   e4m3 codes as uint8 [BH, S, D];
+- FP8:   e4m3 codes as uint8 [BH, S, D], or [BH, D, S] (`tokens_last`: the cache's values);
 and one float32 scale per (bh, frame slot) [BH, S / T]. The first `length` tokens of every row are decoded into
 out [BH, length, D]. Codes are decoded arithmetically (exact in float32) and multiplied in the reference's order
 (NVFP4: e2m1 * (global * block); FP8: e4m3 * scale), so results are bit-identical to the reference on a GPU.
@@ -70,12 +70,16 @@ def _nvfp4_kernel(codes_ptr, blocks_ptr, global_ptr, out_ptr, length, s_alloc, s
 
 @triton.jit
 def _fp8_kernel(codes_ptr, scale_ptr, out_ptr, length, s_alloc, slots, tokens_per_frame,
-                D: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr):
+                D: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr, TOKENS_LAST: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BT + tl.arange(0, BT)
     d = tl.arange(0, DP)
     ok = (t < length)[:, None] & (d < D)[None, :]
-    byte = tl.load(codes_ptr + (bh * s_alloc + t)[:, None] * D + d[None, :], mask=ok, other=0).to(tl.int32)
+    if TOKENS_LAST:
+        where = (bh * D + d)[None, :] * s_alloc + t[:, None]
+    else:
+        where = (bh * s_alloc + t)[:, None] * D + d[None, :]
+    byte = tl.load(codes_ptr + where, mask=ok, other=0).to(tl.int32)
     s = tl.load(scale_ptr + bh * slots + t // tokens_per_frame, mask=t < length, other=0.0)
     val = (_e4m3(byte) * s[:, None]).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + (bh * length + t)[:, None] * D + d[None, :], val, mask=ok)
@@ -96,12 +100,15 @@ def nvfp4_kv_dequantize(codes: torch.Tensor, blocks: torch.Tensor, global_scale:
 
 
 def fp8_kv_dequantize(codes: torch.Tensor, scale: torch.Tensor, length: int, tokens_per_frame: int,
-                      dtype: torch.dtype) -> torch.Tensor:
-    """codes [B, H, S, D] (e4m3 or uint8), scale [B, H, S/T] float32 -> [B, H, length, D] in `dtype`."""
+                      dtype: torch.dtype, tokens_last: bool = False) -> torch.Tensor:
+    """codes [B, H, S, D], or [B, H, D, S] with `tokens_last` (e4m3 or uint8, contiguous), scale [B, H, S/T] float32
+    -> [B, H, length, D] in `dtype`."""
     patch_interpreter()
     b, h, s_alloc, d = codes.shape
+    if tokens_last:
+        d, s_alloc = s_alloc, d
     out = torch.empty(b, h, length, d, dtype=dtype, device=codes.device)
     grid = (b * h, triton.cdiv(length, BLOCK_T))
     _fp8_kernel[grid](codes.view(torch.uint8), scale, out, length, s_alloc, scale.shape[-1], tokens_per_frame,
-                      D=d, DP=triton.next_power_of_2(d), BT=BLOCK_T)
+                      D=d, DP=triton.next_power_of_2(d), BT=BLOCK_T, TOKENS_LAST=tokens_last)
     return out
