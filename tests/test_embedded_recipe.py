@@ -245,7 +245,9 @@ def test_eval_scores_the_world_perfectly_and_states_chance(tmp_path):
     result = evaluate(evals, ["bf16"], preset_name="tiny", shot_chunks=2, device="cpu", progress=False)
     world = result["rows"]["world"]
     assert world["colour"] == world["shape"] == world["motion"] == world["switch"] == world["object_found"] == 100.0
+    assert world["prompt"] == 100.0  # colour, shape and motion all right
     assert result["chance"]["colour"] == pytest.approx(100 / 7, abs=0.1)
+    assert result["chance"]["prompt"] == pytest.approx(100 / (7 * 3 * 6), abs=0.1)
     assert set(result["rows"]["bf16"]) == set(result["rows"]["vae"]) == set(world)
     assert "chance" in format_table(result)
     json.dumps(result)
@@ -468,3 +470,19 @@ def test_export_writes_the_three_files_and_nothing_on_a_missing_input(tmp_path):
         assets.export_embedded(src / assets.TRANSFORMER, tmp_path / "nope.safetensors", src / assets.VAE,
                                tmp_path / "second")
     assert not (tmp_path / "second").exists()
+
+
+def test_prompt_adherence_needs_colour_shape_and_motion_right():
+    """A rendered clip scored against its own scene counts in every column; against the scene with another shape it
+    still counts for colour and motion but not for `prompt` (all three)."""
+    from longstream.eval.world_eval import Scorer
+    from longstream.train.world import SHAPES, Scene, render_clip
+
+    scene = Scene("red", SHAPES[0], "moves left", "gray")
+    video = render_clip([scene], [33], 128, seed=4)[0]
+    right, wrong_shape = Scorer(), Scorer()
+    right.single(video, scene)
+    wrong_shape.single(video, Scene("red", SHAPES[1], "moves left", "gray"))
+    assert right.row()["prompt"] == right.row()["shape"] == 100.0
+    got = wrong_shape.row()
+    assert (got["colour"], got["motion"], got["shape"], got["prompt"]) == (100.0, 100.0, 0.0, 0.0)

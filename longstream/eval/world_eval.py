@@ -3,8 +3,9 @@
 A fixed, seeded set of prompts from the world's grammar is generated in each numeric mode; the frames are read
 back by `world.measure_frames` (object colour, shape and motion from pixels alone) and compared with the prompt.
 
-- adherence: share of single-shot videos whose measured colour / shape / motion equals the prompt's
-  (chance: 1/7 colour, 1/3 shape, 1/6 motion, for a generator that ignores the prompt);
+- adherence: share of single-shot videos whose measured colour / shape / motion equals the prompt's, and
+  `prompt`, the share whose three all do (chance: 1/7 colour, 1/3 shape, 1/6 motion, 1/126 all three, for a
+  generator that ignores the prompt);
 - shot switch: two-shot videos whose second prompt changes one attribute; the switch counts when that attribute,
   measured on the second shot's frames from one chunk after the switch on, equals the new prompt's
   (chance: the mean over the set of 1 / number of values of the changed attribute);
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,15 +75,17 @@ class Scorer:
     """Accumulates the scores of one row of the table."""
 
     def __init__(self) -> None:
-        self.hits = {"colour": 0, "shape": 0, "motion": 0, "switch": 0}
+        self.hits = {"colour": 0, "shape": 0, "motion": 0, "prompt": 0, "switch": 0}
         self.singles = self.switches = 0
         self.found = self.frames = 0
         self.flicker: list[float] = []
 
     def single(self, video: torch.Tensor, scene: Scene) -> None:
         m = measure_frames(video)
-        for field in ("colour", "shape", "motion"):
-            self.hits[field] += getattr(m, field) == getattr(scene, field)
+        matches = [getattr(m, field) == getattr(scene, field) for field in ("colour", "shape", "motion")]
+        for field, match in zip(("colour", "shape", "motion"), matches):
+            self.hits[field] += match
+        self.hits["prompt"] += all(matches)
         self.singles += 1
         self._stability(video)
 
@@ -99,7 +103,8 @@ class Scorer:
     def row(self) -> dict[str, float]:
         pct = lambda n, d: round(100.0 * n / d, 1) if d else float("nan")  # noqa: E731
         return {"colour": pct(self.hits["colour"], self.singles), "shape": pct(self.hits["shape"], self.singles),
-                "motion": pct(self.hits["motion"], self.singles), "switch": pct(self.hits["switch"], self.switches),
+                "motion": pct(self.hits["motion"], self.singles), "prompt": pct(self.hits["prompt"], self.singles),
+                "switch": pct(self.hits["switch"], self.switches),
                 "object_found": pct(self.found, self.frames),
                 "flicker": round(sum(self.flicker) / max(len(self.flicker), 1), 4)}
 
@@ -107,7 +112,8 @@ class Scorer:
 def chance(evals: EvalSet) -> dict[str, float]:
     switch = sum(1 / _OPTIONS[_changed(a, b)] for a, b in evals.switches) / max(len(evals.switches), 1)
     return {"colour": round(100 / len(COLOURS), 1), "shape": round(100 / len(SHAPES), 1),
-            "motion": round(100 / len(MOTIONS), 1), "switch": round(100 * switch, 1)}
+            "motion": round(100 / len(MOTIONS), 1), "prompt": round(100 / math.prod(_OPTIONS.values()), 1),
+            "switch": round(100 * switch, 1)}
 
 
 def _video(models, stream, latent_hw, kv: str, shots: list[tuple[Scene, int]], seed: int
@@ -208,7 +214,7 @@ def _rendered_row(evals: EvalSet, size: int, frames: int, chunk_video: int, seed
 
 
 def format_table(result: dict) -> str:
-    cols = ("colour", "shape", "motion", "switch", "object_found", "flicker")
+    cols = ("colour", "shape", "motion", "prompt", "switch", "object_found", "flicker")
     lines = [f"{'mode':10s} " + " ".join(f"{c:>12s}" for c in cols)]
     for name, row in result["rows"].items():
         lines.append(f"{name:10s} " + " ".join(f"{row[c]:>12}" for c in cols))
