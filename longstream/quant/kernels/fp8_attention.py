@@ -24,7 +24,8 @@ from .fp8_quant import E4M3_MAX, _e4m3_code
 
 P_SCALE = tl.constexpr(reference.P_SCALE)
 
-GPU_CONFIG = dict(block_m=128, block_n=128, num_warps=8, num_stages=2)  # untuned first guess
+# the fastest of 9 settings on an H200 (bench/kv_attention.py --fp8-configs; bench/RESULTS.md, 2026-12-03)
+GPU_CONFIG = dict(block_m=64, block_n=128, num_warps=4, num_stages=2)
 
 
 @triton.jit
