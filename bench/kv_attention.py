@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--tokens-per-frame", type=int, default=880)
     p.add_argument("--heads", type=int, default=24)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--fp8-configs", default="128x128x8x2,128x64x4x3,128x64x8x3,64x128x4x3",
+    p.add_argument("--fp8-configs", default="64x128x4x2,128x128x8x2,128x64x8x3,64x128x4x3",
                    help="FP8 attention launch settings, BLOCK_MxBLOCK_NxWARPSxSTAGES, comma list")
     p.add_argument("--out", default="bench/results/kv_attention.json")
     a = p.parse_args()

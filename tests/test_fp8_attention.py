@@ -137,11 +137,15 @@ def test_fp8_attention_kernel_on_gpu_at_5b_shape():
                  rows=True) < 3e-2
     assert check(1, 4, 100, 5, 64, 48, 300, [True, True, False, True, True], block_n, torch.bfloat16,
                  "cuda", 4, q_std=0.5) < 1e-2
+    # hidden slots over full key tiles (head size 128: unmasked asynchronous loads, the key mask on the scores)
+    assert check(1, 4, 300, 6, 100, 128, 560, [False, True, True, False, True, True], block_n, torch.bfloat16,
+                 "cuda", 5, q_std=0.5) < 1e-2
 
 
 def test_cache_with_fp8_attention_attends_from_the_codes_and_skips_empty_slots():
     """KVCache(attention='fp8') on a chunk placed in ring slots 1-2 with sink slot 0 still empty: close to exact
-    attention over the same stored codes (the bf16 path's key mask), and blind to whatever the empty slot holds."""
+    attention over the same stored codes (the bf16 path's key mask), and blind to whatever finite codes the empty
+    slot holds."""
     def cache(attention):
         return KVCache(num_layers=1, batch=1, heads=2, head_dim=32, tokens_per_frame=8, latent_shape=(4, 2, 4),
                        sink_frames=1, window_frames=4, storage="fp8", attention=attention)

@@ -82,6 +82,8 @@ class FP8KVStorage(_FrameScaledStorage):
             store.view(torch.uint8).index_copy_(2, index, codes)
 
     def write(self, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [B, H, n, D], whole frames, at the cache rows `index` [n]: each frame's rows consecutive from a
+        multiple of T, as `KVCache` writes them (the Triton write reads a frame's first row only)."""
         if k.is_cuda and _HAS_TRITON:  # one pass per frame, the same bytes as the eager path below
             from .kernels.kv_quant import fp8_kv_write
 

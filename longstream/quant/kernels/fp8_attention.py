@@ -4,8 +4,8 @@
 One program computes a BM x D output tile for one (batch x head) row: it quantizes its queries to E4M3 in
 registers (one scale per row), then for each BN-key tile reads the cached E4M3 codes of K and V (V's tile
 [D, BN], as the cache keeps the values tokens last) and their frame scales, runs Q8 K8^T and P8 V8 on tensor cores
-with float32 accumulation (Hopper's FP8 wgmma, sm_89+), and keeps the online softmax in float32. Under Triton's interpreter (whose float8 casts are wrong for some values) the same
-E4M3 values are made by integer arithmetic (`fp8_quant._e4m3_code`), decoded exactly and multiplied in float32.
+with float32 accumulation (Hopper's FP8 wgmma, sm_89+), and keeps the online softmax in float32. Under Triton's
+interpreter (whose float8 casts are wrong for some values) the same E4M3 values are made by integer arithmetic (`fp8_quant._e4m3_code`), decoded exactly and multiplied in float32.
 Divisions round to nearest (`div_rn`) as the reference's do, so results equal the reference up to summation
 order (and the rare probability that then rounds to the other E4M3 neighbour).
 """
@@ -53,9 +53,11 @@ def _to_e4m3(x, HW: tl.constexpr):
 def _key_tile(q8, k_ptr, ks_ptr, v_ptr, vs_ptr, vis_ptr, bh, start, length, s_alloc, slots, tokens_per_frame, d,
               score_scale, row_max, row_sum, acc, D: tl.constexpr, BN: tl.constexpr, BOUNDS: tl.constexpr,
               HAS_VISIBLE: tl.constexpr, HW: tl.constexpr):
-    """One BN-key step of the online softmax; BOUNDS masks the loads past `length` or D (the tail tile), and hidden
-    slots are masked in the scores only. K's tile is read [BN, D] and V's [D, BN] (the cache stores the values
-    tokens last): both are K-major operands of FP8 wgmma, so both stream in by asynchronous copies."""
+    """One BN-key step of the online softmax; BOUNDS masks the loads past `length` or D (the tail tile, or every
+    tile when D is not a power of two), and hidden slots are masked in the scores only (their probabilities are 0,
+    so their values count only if not finite, as in the reference). K's tile is read [BN, D] and V's [D, BN] (the
+    cache stores the values tokens last): both are K-major operands of FP8 wgmma, so both stream in by
+    asynchronous copies."""
     t = start + tl.arange(0, BN)
     slot = t // tokens_per_frame
     k_where = (bh * s_alloc + t)[:, None] * D + d[None, :]
@@ -151,6 +153,8 @@ def fp8_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor,
     cfg = dict(GPU_CONFIG) if hw else dict(block_m=64, block_n=reference.BLOCK_N, num_warps=4, num_stages=1)
     given = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
     cfg.update({k: v for k, v in given.items() if v is not None})
+    if not (k_codes.is_contiguous() and v_codes.is_contiguous()):
+        raise ValueError("FP8 attention reads contiguous cached codes")
     if q.stride(-1) != 1:
         q = q.contiguous()
     out = torch.empty(b, sq, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, S, H, D] in memory

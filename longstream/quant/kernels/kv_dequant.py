@@ -104,6 +104,8 @@ def fp8_kv_dequantize(codes: torch.Tensor, scale: torch.Tensor, length: int, tok
     """codes [B, H, S, D], or [B, H, D, S] with `tokens_last` (e4m3 or uint8, contiguous), scale [B, H, S/T] float32
     -> [B, H, length, D] in `dtype`."""
     patch_interpreter()
+    if not codes.is_contiguous():
+        raise ValueError("fp8 KV dequantize reads contiguous codes")
     b, h, s_alloc, d = codes.shape
     if tokens_last:
         d, s_alloc = s_alloc, d
