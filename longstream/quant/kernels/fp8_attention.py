@@ -5,8 +5,8 @@ One program computes a BM x D output tile for one (batch x head) row: it quantiz
 registers (one scale per row), then for each BN-key tile reads the cached E4M3 codes of K and V (V's tile
 [D, BN], as the cache keeps the values tokens last) and their frame scales, runs Q8 K8^T and P8 V8 on tensor cores
 with float32 accumulation (Hopper's FP8 wgmma, sm_89+), and keeps the online softmax in float32. Under Triton's
-interpreter (whose float8 casts are wrong for some values) the same E4M3 values are made by integer arithmetic (`fp8_quant._e4m3_code`), decoded exactly and multiplied in float32.
-Divisions round to nearest (`div_rn`) as the reference's do, so results equal the reference up to summation
+interpreter (whose float8 casts are wrong for some values) the same E4M3 values are made by integer arithmetic
+(`fp8_quant._e4m3_code`), decoded exactly and multiplied in float32. Divisions round to nearest (`div_rn`) as the reference's do, so results equal the reference up to summation
 order (and the rare probability that then rounds to the other E4M3 neighbour).
 """
 
