@@ -1,10 +1,10 @@
 """FP8 attention over an FP8 KV cache: both matmuls on E4M3 operands (reference twin of the Triton kernel
 `kernels.fp8_attention`).
 
-Operands (the `FP8KVStorage` layout): queries q [B, H, Sq, D] in the compute dtype; keys as E4M3 codes [B, H, S, D],
-values as E4M3 codes transposed, [B, H, D, S], each with one float32 scale per (batch, head, frame slot)
-[B, H, S / T]; optionally `visible` [S / T]
-(bool per frame slot: the cache's key mask). The first `length` cached tokens are attended to, unmasked otherwise.
+Operands (the `FP8KVStorage` layout): queries q [B, H, Sq, D] in the compute dtype; keys as E4M3 codes
+[B, H, S, D], values as E4M3 codes transposed, [B, H, D, S], each with one float32 scale per (batch, head, frame
+slot) [B, H, S / T]; optionally `visible` [S / T] (bool per frame slot: the cache's key mask). The first `length`
+cached tokens are attended to, unmasked otherwise.
 
 Math, flash-attention style over key tiles of `block_n` tokens (the tiling is part of the definition: P is
 quantized per tile, against the running row maximum), in base 2:

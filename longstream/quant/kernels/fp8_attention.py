@@ -6,8 +6,9 @@ registers (one scale per row), then for each BN-key tile reads the cached E4M3 c
 [D, BN], as the cache keeps the values tokens last) and their frame scales, runs Q8 K8^T and P8 V8 on tensor cores
 with float32 accumulation (Hopper's FP8 wgmma, sm_89+), and keeps the online softmax in float32. Under Triton's
 interpreter (whose float8 casts are wrong for some values) the same E4M3 values are made by integer arithmetic
-(`fp8_quant._e4m3_code`), decoded exactly and multiplied in float32. Divisions round to nearest (`div_rn`) as the reference's do, so results equal the reference up to summation
-order (and the rare probability that then rounds to the other E4M3 neighbour).
+(`fp8_quant._e4m3_code`), decoded exactly and multiplied in float32. Divisions round to nearest (`div_rn`) as the
+reference's do, so results equal the reference up to summation order (and the rare probability that then rounds
+to the other E4M3 neighbour).
 """
 
 from __future__ import annotations
@@ -136,25 +137,24 @@ def fp8_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor,
                   *, block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                   num_stages: int | None = None) -> torch.Tensor:
     """q [B, H, Sq, D]; K codes [B, H, S, D] and V codes [B, H, D, S] (E4M3 or their uint8 view; contiguous),
-    scales [B, H, S / T] float32, `visible`
-    [S / T] bool (on q's device) or None: the arguments of `fp8_attention_reference`; q may be strided (the
-    transformer's [B, S, H, D] transposed). Returns [B, H, Sq, D] in q's dtype, laid out as [B, Sq, H, D], as the
-    transformer reads it back. Tiles and launch settings default to GPU_CONFIG (the interpreter: 64 x
-    reference.BLOCK_N)."""
+    scales [B, H, S / T] float32, `visible` [S / T] bool (on q's device) or None: the arguments of
+    `fp8_attention_reference`; q may be strided (the transformer's [B, S, H, D] transposed). Returns [B, H, Sq, D]
+    in q's dtype, laid out as [B, Sq, H, D], as the transformer reads it back. Tiles and launch settings default to
+    GPU_CONFIG (the interpreter: 64 x reference.BLOCK_N)."""
     patch_interpreter()
     b, h, sq, d = q.shape
     if (k_codes.shape[-1] != d or not 1 <= length <= k_codes.shape[2]
             or tuple(v_codes.shape) != (*k_codes.shape[:2], d, k_codes.shape[2])):
         raise ValueError(f"queries of head size {d} against cached codes K {tuple(k_codes.shape)}, "
                          f"V {tuple(v_codes.shape)} (tokens last), length {length}")
+    if not (k_codes.is_contiguous() and v_codes.is_contiguous()):
+        raise ValueError("FP8 attention reads contiguous cached codes")
     hw = not interpreting()
     if hw and torch.cuda.get_device_capability(q.device) < (8, 9):
         raise RuntimeError("FP8 attention needs E4M3 tensor cores (compute capability 8.9 or newer)")
     cfg = dict(GPU_CONFIG) if hw else dict(block_m=64, block_n=reference.BLOCK_N, num_warps=4, num_stages=1)
     given = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
     cfg.update({k: v for k, v in given.items() if v is not None})
-    if not (k_codes.is_contiguous() and v_codes.is_contiguous()):
-        raise ValueError("FP8 attention reads contiguous cached codes")
     if q.stride(-1) != 1:
         q = q.contiguous()
     out = torch.empty(b, sq, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # [B, S, H, D] in memory
